@@ -1,0 +1,46 @@
+"""The ``jaxrlhf`` command: ``jaxrlhf COMMAND [--config_path X.yaml] [--dotted.key value ...]``.
+
+Each command is a typed config class and a function that runs it; adding a
+command is adding a row to ``COMMANDS``. Modules are imported lazily so that
+``jaxrlhf --help`` does not pay for jax.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+# name -> (module, config class, run function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "demo": ("jaxrlhf.mask_demo", "DemoConfig", "run", "the loss-mask bugs other projects shipped, side by side with ours"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: jaxrlhf COMMAND [--config_path FILE.yaml] [--key.subkey VALUE ...]", "", "commands:"]
+    lines += [f"  {name:<14} {entry[3]}" for name, entry in COMMANDS.items()]
+    lines += ["", "`jaxrlhf COMMAND --help` lists every option of a command."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from jaxrlhf.config import parse_config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"jaxrlhf: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, config_name, run_name, _ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    config = parse_config(getattr(module, config_name), rest, prog=f"jaxrlhf {name}")
+    result = getattr(module, run_name)(config)
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
