@@ -25,7 +25,7 @@ def _usage() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from jaxrlhf.config import parse_config
+    from jaxrlhf.config import ConfigError, parse_config
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -37,7 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module_name, config_name, run_name, _ = COMMANDS[name]
     module = importlib.import_module(module_name)
-    config = parse_config(getattr(module, config_name), rest, prog=f"jaxrlhf {name}")
+    try:
+        config = parse_config(getattr(module, config_name), rest, prog=f"jaxrlhf {name}")
+    except ConfigError as e:
+        print(f"jaxrlhf {name}: {e}", file=sys.stderr)
+        return 2
     result = getattr(module, run_name)(config)
     return result if isinstance(result, int) else 0
 

@@ -12,18 +12,36 @@ from collections.abc import Sequence
 from typing import TypeVar
 
 import draccus
+from draccus.utils import DecodingError
 
 T = TypeVar("T")
 
 
+class ConfigError(ValueError):
+    """A config file or override that does not fit the config's dataclass."""
+
+
 def parse_config(config_class: type[T], args: Sequence[str], *, prog: str | None = None) -> T:
     """Build ``config_class`` from defaults, then ``--config_path`` YAML, then CLI overrides."""
-    return draccus.parse(config_class=config_class, args=list(args), prog=prog)
+    try:
+        return draccus.parse(config_class=config_class, args=list(args), prog=prog)
+    except DecodingError as e:
+        source = _config_path_of(args)
+        raise ConfigError(f"{source or 'config'}: {e}") from None
 
 
 def load_config(config_class: type[T], path: str | pathlib.Path, overrides: Sequence[str] = ()) -> T:
     """Load a YAML config file (for scripts and tests), with optional dotted overrides."""
-    return draccus.parse(config_class=config_class, config_path=str(path), args=list(overrides))
+    return parse_config(config_class, ["--config_path", str(path), *overrides])
+
+
+def _config_path_of(args: Sequence[str]) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == "--config_path" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--config_path="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def dump_config(config, path: str | pathlib.Path) -> None:
