@@ -1,0 +1,72 @@
+"""Checkpoints with orbax: train state (params, optimizer, step, RNG) plus the data position.
+
+The data position is the Grain iterator state *after the last batch the step
+consumed* (the prefetcher records it per batch), saved as JSON: saving the live
+iterator would record batches that were prefetched but never trained on.
+
+One ``CheckpointManager`` per run directory keeps the last N checkpoints, saves
+every K steps asynchronously, and restores onto whatever mesh the abstract state
+describes, so a run can resume on a different mesh shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    save_every: int = 100
+    """Save every N optimizer steps (and always at the end and on SIGTERM)."""
+    keep: int = 3
+    """How many checkpoints to keep."""
+    async_save: bool = True
+    resume: bool = True
+    """Resume from the newest checkpoint in the run directory when there is one."""
+
+
+class Checkpointer:
+    def __init__(self, directory: pathlib.Path, config: CheckpointConfig):
+        self.config = config
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=config.keep,
+            save_interval_steps=max(config.save_every, 1),
+            enable_async_checkpointing=config.async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(directory.absolute(), options=options)
+
+    @property
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict | None, *, force: bool = False) -> bool:
+        args = {"state": ocp.args.StandardSave(state)}
+        if data_state is not None:
+            args["data"] = ocp.args.JsonSave(data_state)
+        return self._manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+    def restore(self, step: int, abstract_state):
+        """Restore onto the shardings of ``abstract_state``; returns ``(state, data_state or None)``."""
+        items = self._manager.item_metadata(step)
+        args = {"state": ocp.args.StandardRestore(abstract_state)}
+        if "data" in items and items["data"] is not None:
+            args["data"] = ocp.args.JsonRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        return restored["state"], restored.get("data")
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def abstract_like(tree):
+    """Shape, dtype and sharding of every array in ``tree``: the restore target."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -1,0 +1,79 @@
+"""Host-to-device prefetch: global batches assembled from each process's rows, ahead of the step.
+
+A background thread pulls numpy batches from the data iterator, places them on
+the mesh with ``jax.make_array_from_process_local_data`` (each process holds
+only its own rows; on one process that is the whole batch), and keeps
+``depth`` batches queued so the transfer overlaps the running step. With each
+batch it records the iterator state right after that batch, which is what a
+checkpoint must save.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+_END = object()
+
+
+def place_batch(local_batch: dict, sharding_for) -> dict:
+    """numpy rows of this process -> global jax arrays sharded by ``sharding_for(key, local_array)``."""
+    return {
+        key: jax.make_array_from_process_local_data(sharding_for(key, value), np.asarray(value))
+        for key, value in local_batch.items()
+    }
+
+
+class DevicePrefetcher:
+    def __init__(self, iterator: Iterator[dict], sharding_for, *, depth: int = 2, get_state=None):
+        self._iterator = iterator
+        self._sharding_for = sharding_for
+        self._get_state = get_state
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="jaxrlhf-prefetch")
+        self._thread.start()
+
+    def _run(self):
+        try:
+            for local_batch in self._iterator:
+                state = self._get_state() if self._get_state is not None else None
+                item = (place_batch(local_batch, self._sharding_for), state)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._queue.put(_END)
+        except BaseException as e:  # surfaced in the training thread by __next__
+            self._queue.put(e)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[dict, object]:
+        item = self._queue.get()
+        if item is _END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def batch_sharding(mesh, ndim: int) -> NamedSharding:
+    """Rows over every data-parallel axis; the pair axis and the sequence stay whole."""
+    from jax.sharding import PartitionSpec as P
+
+    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))

@@ -1,0 +1,280 @@
+"""The jitted SFT and DPO train steps, with exact gradient accumulation.
+
+A step takes the train state and one *global* batch, splits it into
+``num_micro_batches`` micro-batches, and scans over them adding gradients.
+Normalisation is global and exact by construction: SFT divides every micro-batch's
+summed NLL by the trained-token count of the whole global batch, DPO divides its
+summed per-pair losses by the global number of pairs, so 8x1 accumulation equals
+1x8 up to float rounding (never a mean of means).
+
+Steps are pure and model-agnostic: ``logprob_fn(params, tokens, positions,
+segment_ids) -> token_lp [b, T]`` is the only thing they know of the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from jaxrlhf.ops import logprobs, losses
+
+LogprobFn = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@struct.dataclass
+class TrainState:
+    params: object
+    opt_state: object
+    step: jax.Array
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class DpoLossSpec:
+    """Static settings of the DPO objective (hashable: part of the jitted step)."""
+
+    beta: float = 0.1
+    loss_type: tuple[str, ...] = ("sigmoid",)
+    loss_weights: tuple[float, ...] | None = None
+    label_smoothing: float = 0.0
+    discopop_tau: float = 0.05
+
+
+def split_micro_batches(batch: dict, num_micro_batches: int) -> dict:
+    """[B, ...] -> [n, B / n, ...], micro-batch i taking rows i, i + n, ...
+
+    Strided rows keep every micro-batch spread over all devices of a batch-sharded
+    array instead of parking micro-batch 0 on the first few.
+    """
+
+    def split(x):
+        if x.shape[0] % num_micro_batches:
+            raise ValueError(f"global batch {x.shape[0]} is not divisible by {num_micro_batches} micro-batches")
+        x = x.reshape(x.shape[0] // num_micro_batches, num_micro_batches, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def _accumulate(loss_and_grad, params, micro_batches):
+    """Sum (loss, grads, metrics) of ``loss_and_grad(params, micro_batch)`` over the micro-batches."""
+
+    def body(carry, micro_batch):
+        (loss, metrics), grads = loss_and_grad(params, micro_batch)
+        total = jax.tree.map(jnp.add, carry, (loss, grads, metrics))
+        return total, None
+
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: _flat(loss_and_grad(params, first))))
+    total, _ = jax.lax.scan(body, zeros, micro_batches)
+    return total
+
+
+def _flat(out):
+    (loss, metrics), grads = out
+    return loss, grads, metrics
+
+
+def _apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+
+
+def sft_gradients(params, batch: dict, *, logprob_fn: LogprobFn, num_micro_batches: int = 1):
+    """Loss and gradients of SFT on a global batch ``[B, T]``, accumulated over micro-batches."""
+    normalizer = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+
+    def loss_and_grad(params, mb):
+        def loss_fn(params):
+            token_lp = logprob_fn(params, mb["tokens"], mb["positions"], mb["segment_ids"])
+            loss, metrics = losses.sft_loss(token_lp, mb["loss_mask"], normalizer=normalizer)
+            return loss, {"trained_tokens": metrics["trained_tokens"]}
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    return _accumulate(loss_and_grad, params, split_micro_batches(batch, num_micro_batches))
+
+
+def sft_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    logprob_fn: LogprobFn,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    num_micro_batches: int = 1,
+):
+    """One optimizer step of SFT on a global batch of ``[B, T]`` arrays."""
+    loss, grads, sums = sft_gradients(state.params, batch, logprob_fn=logprob_fn, num_micro_batches=num_micro_batches)
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": schedule(state.step),
+        "trained_tokens": sums["trained_tokens"],
+        "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
+    }
+    return _apply_gradients(state, grads, tx), metrics
+
+
+def pair_logps(logprob_fn: LogprobFn, params, mb: dict) -> tuple[jax.Array, jax.Array]:
+    """Summed log-probs ``[b, 2]`` of chosen (0) and rejected (1) in one forward pass, and lengths ``[b, 2]``."""
+    b, two, length = mb["tokens"].shape
+    flat = {k: mb[k].reshape(b * two, length) for k in ("tokens", "positions", "segment_ids", "loss_mask")}
+    token_lp = logprob_fn(params, flat["tokens"], flat["positions"], flat["segment_ids"])
+    seq = logprobs.sequence_logprobs(token_lp, flat["loss_mask"]).reshape(b, two)
+    lengths = jnp.sum(mb["loss_mask"], axis=-1).astype(jnp.float32)
+    return seq, lengths
+
+
+def dpo_pair_terms(
+    policy: jax.Array, reference: jax.Array, lengths: jax.Array, spec: DpoLossSpec, *, chosen_tokens_per_pair
+):
+    """DPO loss of a micro-batch as a *sum over its pairs*, plus its metrics (sums over pairs).
+
+    ``sft`` terms divide by ``chosen_tokens_per_pair`` of the *global* batch rather
+    than the micro-batch's own token count: after the caller divides by the global
+    number of pairs, the term is exactly -sum(logp_chosen) / (global chosen tokens).
+    """
+    weights = spec.loss_weights or (1.0,) * len(spec.loss_type)
+    pair_types = [(t, w) for t, w in zip(spec.loss_type, weights) if t != "sft"]
+    num_pairs = policy.shape[0]
+    total = jnp.zeros((), jnp.float32)
+    if pair_types:
+        _, metrics = losses.dpo_loss(
+            policy[:, 0],
+            policy[:, 1],
+            reference[:, 0],
+            reference[:, 1],
+            beta=spec.beta,
+            loss_type=[t for t, _ in pair_types],
+            loss_weights=[w for _, w in pair_types],
+            label_smoothing=spec.label_smoothing,
+            chosen_lengths=lengths[:, 0],
+            rejected_lengths=lengths[:, 1],
+            discopop_tau=spec.discopop_tau,
+        )
+        total = total + metrics["loss"] * num_pairs
+    else:
+        _, metrics = losses.dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], beta=spec.beta)
+    for loss_type, weight in zip(spec.loss_type, weights):
+        if loss_type == "sft":
+            total = total + weight * (-jnp.sum(policy[:, 0]) / chosen_tokens_per_pair)
+    summed = {key: metrics[key] * num_pairs for key in losses.DPO_METRIC_KEYS}
+    return total, summed
+
+
+def dpo_gradients(
+    params,
+    batch: dict,
+    *,
+    logprob_fn: LogprobFn,
+    spec: DpoLossSpec,
+    ref_params=None,
+    num_micro_batches: int = 1,
+):
+    """Loss, gradients and summed metrics of DPO on a global batch ``[B, 2, T]``.
+
+    The reference comes from ``batch["ref_logps"]`` ``[B, 2]`` when present
+    (precomputed), else from ``ref_params`` (frozen, same forward), else it is 0
+    (reference-free).
+    """
+    num_pairs = batch["tokens"].shape[0]
+    chosen_tokens_per_pair = jnp.maximum(jnp.sum(batch["loss_mask"][:, 0].astype(jnp.float32)), 1.0) / num_pairs
+
+    def loss_and_grad(params, mb):
+        if "ref_logps" in mb:
+            reference = mb["ref_logps"].astype(jnp.float32)
+        elif ref_params is not None:
+            reference = jax.lax.stop_gradient(pair_logps(logprob_fn, ref_params, mb)[0])
+        else:
+            reference = jnp.zeros(mb["tokens"].shape[:2], jnp.float32)
+
+        def loss_fn(params):
+            policy, lengths = pair_logps(logprob_fn, params, mb)
+            total, metrics = dpo_pair_terms(
+                policy, reference, lengths, spec, chosen_tokens_per_pair=chosen_tokens_per_pair
+            )
+            metrics["trained_tokens"] = jnp.sum(lengths)
+            return total / num_pairs, metrics
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    return _accumulate(loss_and_grad, params, split_micro_batches(batch, num_micro_batches))
+
+
+def dpo_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    logprob_fn: LogprobFn,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    spec: DpoLossSpec,
+    ref_params=None,
+    num_micro_batches: int = 1,
+):
+    """One optimizer step of DPO on a global batch of ``[B, 2, T]`` arrays."""
+    loss, grads, sums = dpo_gradients(
+        state.params,
+        batch,
+        logprob_fn=logprob_fn,
+        spec=spec,
+        ref_params=ref_params,
+        num_micro_batches=num_micro_batches,
+    )
+    num_pairs = batch["tokens"].shape[0]
+    metrics = {key: sums[key] / num_pairs for key in losses.DPO_METRIC_KEYS}
+    metrics.update(
+        loss=loss,
+        grad_norm=optax.global_norm(grads),
+        learning_rate=schedule(state.step),
+        trained_tokens=sums["trained_tokens"],
+        tokens=jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
+    )
+    return _apply_gradients(state, grads, tx), metrics
+
+
+def sft_eval_sums(params, batch: dict, *, logprob_fn: LogprobFn) -> dict:
+    """Summed NLL and trained-token count of an eval batch (the caller divides once at the end)."""
+    token_lp = logprob_fn(params, batch["tokens"], batch["positions"], batch["segment_ids"])
+    _, metrics = losses.sft_loss(token_lp, batch["loss_mask"])
+    return {"nll_sum": metrics["nll_sum"], "trained_tokens": metrics["trained_tokens"]}
+
+
+def dpo_eval_pairs(params, batch: dict, *, logprob_fn: LogprobFn, ref_params=None) -> dict:
+    """Per-pair policy/reference log-probs and lengths ``[B, 2]`` of an eval batch.
+
+    Aggregation happens on the host, where padding pairs are masked out.
+    """
+    policy, lengths = pair_logps(logprob_fn, params, batch)
+    if "ref_logps" in batch:
+        reference = batch["ref_logps"].astype(jnp.float32)
+    elif ref_params is not None:
+        reference = pair_logps(logprob_fn, ref_params, batch)[0]
+    else:
+        reference = jnp.zeros_like(policy)
+    return {"policy": policy, "reference": reference, "lengths": lengths}
+
+
+def dpo_eval_metrics(pairs: Sequence[dict], spec: DpoLossSpec) -> dict[str, float]:
+    """Exact eval metrics over all real pairs (``pair_mask`` drops the padding pairs)."""
+    keep = np.concatenate([np.asarray(p["pair_mask"], bool) for p in pairs])
+    cat = {k: jnp.asarray(np.concatenate([np.asarray(p[k]) for p in pairs])[keep]) for k in ("policy", "reference", "lengths")}
+    if cat["policy"].shape[0] == 0:
+        return {}
+    n = cat["policy"].shape[0]
+    total, sums = dpo_pair_terms(
+        cat["policy"],
+        cat["reference"],
+        cat["lengths"],
+        spec,
+        chosen_tokens_per_pair=jnp.maximum(jnp.sum(cat["lengths"][:, 0]), 1.0) / n,
+    )
+    return {"loss": float(total / n), **{k: float(v / n) for k, v in sums.items()}, "pairs": float(n)}
