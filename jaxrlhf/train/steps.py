@@ -115,7 +115,7 @@ def sft_step(
     loss, grads, sums = sft_gradients(state.params, batch, logprob_fn=logprob_fn, num_micro_batches=num_micro_batches)
     metrics = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step),
         "trained_tokens": sums["trained_tokens"],
         "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
@@ -233,7 +233,7 @@ def dpo_step(
     metrics = {key: sums[key] / num_pairs for key in losses.DPO_METRIC_KEYS}
     metrics.update(
         loss=loss,
-        grad_norm=optax.global_norm(grads),
+        grad_norm=optax.tree.norm(grads),
         learning_rate=schedule(state.step),
         trained_tokens=sums["trained_tokens"],
         tokens=jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
