@@ -1,0 +1,64 @@
+"""Flax NNX decoders (Llama, Mistral, Qwen2, Qwen3) and Hugging Face checkpoints in and out.
+
+    from jaxrlhf.models import load_hf, save_hf, token_logprobs
+    model, config = load_hf("path/to/hf_folder", dtype=jnp.bfloat16, mesh=mesh)
+    token_lp = token_logprobs(model, tokens, segment_ids=segment_ids)   # f32 [B, T]
+    save_hf(model, config, "out/", tokenizer=tokenizer)
+
+For a trainer: ``model(tokens, positions=, segment_ids=) -> hidden [B, T, D]`` and
+``model.lm_head_matrix() -> [D, V]`` feed ``ops.logprobs.chunked_token_logprobs``
+(full logits are never formed); ``init_model(config, seed=, mesh=)`` builds a
+random model; ``jaxrlhf.parallel.partition_specs(model, mesh)`` gives the
+parameter PartitionSpecs for jit in/out shardings. See ``decoder`` for the
+dtype, remat and scan switches (fields of ``ModelConfig``).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from jaxrlhf.models.config import ModelConfig, RopeConfig, config_from_hf, config_to_hf
+from jaxrlhf.models.decoder import Decoder, init_model, segment_positions
+from jaxrlhf.models.hf_io import HF_NAME_MAPS, end_of_turn_token_id, load_hf, save_hf
+from jaxrlhf.ops.logprobs import chunked_token_logprobs
+
+__all__ = [
+    "HF_NAME_MAPS",
+    "Decoder",
+    "ModelConfig",
+    "RopeConfig",
+    "config_from_hf",
+    "config_to_hf",
+    "default_chunk_size",
+    "end_of_turn_token_id",
+    "init_model",
+    "load_hf",
+    "save_hf",
+    "segment_positions",
+    "token_logprobs",
+]
+
+_CHUNK_LOGITS = 2**26  # logits per LM-head chunk: 256 MiB in f32, whatever the batch or vocabulary
+
+
+def default_chunk_size(batch: int, vocab_size: int) -> int:
+    """Sequence positions per LM-head chunk so that one chunk's logits stay around 256 MiB."""
+    return max(1, _CHUNK_LOGITS // (batch * vocab_size))
+
+
+def token_logprobs(
+    model: Decoder,
+    tokens: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    chunk_size: int | None = None,
+) -> jax.Array:
+    """Target-aligned log-probs f32 ``[B, T]`` of ``tokens`` under ``model`` (0 where a token has no context).
+
+    Runs the decoder and the chunked LM head; ``chunk_size`` defaults to ``default_chunk_size``.
+    """
+    hidden = model(tokens, positions=positions, segment_ids=segment_ids)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(tokens.shape[0], model.config.vocab_size)
+    return chunked_token_logprobs(hidden, model.lm_head_matrix(), tokens, chunk_size=chunk_size, segment_ids=segment_ids)

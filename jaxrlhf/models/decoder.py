@@ -1,0 +1,305 @@
+"""The decoder in Flax NNX: one module parameterised by ``ModelConfig`` for Llama, Mistral, Qwen2 and Qwen3.
+
+Interface for a trainer::
+
+    model = init_model(config, seed=0, mesh=mesh)          # or models.load_hf(...)
+    hidden = model(tokens, positions=pos, segment_ids=seg)  # [B, T, D] in config.dtype
+    lm_head = model.lm_head_matrix()                        # [D, V] (tied: embedding transposed)
+    token_lp = chunked_token_logprobs(hidden, lm_head, tokens, chunk_size=..., segment_ids=seg)
+
+- ``tokens``, ``positions``, ``segment_ids`` are ``[B, T]`` int32 (DESIGN.md).
+  Attention never crosses segments (segment 0 = padding, which only sees
+  padding), and is causal. ``positions`` defaults to positions restarting at 0
+  in each segment.
+- Parameters are stored in ``config.param_dtype`` and cast to ``config.dtype``
+  for compute; RMSNorm statistics and RoPE angles are computed in float32.
+- All layers' parameters are stacked on a leading ``layers`` axis
+  (``model.layers`` is one ``Block`` holding ``num_layers`` of everything), so
+  the parameter layout does not depend on how the layers run:
+  ``config.scan_layers`` runs them with ``lax.scan`` (compile time independent
+  of depth) or unrolled, and ``config.remat`` wraps each layer in
+  ``jax.checkpoint``: "none", "full" (save only the layer input) or
+  "dots_saveable" (keep the weight matmul outputs, recompute the rest).
+- Every parameter carries ``logical_axes`` metadata; ``jaxrlhf.parallel.rules``
+  turns it into a ``PartitionSpec`` for a mesh. ``init_model(..., mesh=)`` creates
+  the parameters directly in their shards, with the spec recorded as
+  ``out_sharding`` (``nnx.get_partition_spec`` reads it; an ``nnx.Optimizer``
+  built under ``jax.set_mesh(mesh)`` shards its state the same way).
+- The model is a plain NNX module: ``nnx.split(model)`` / ``nnx.merge`` give a
+  static graphdef and a state of arrays for ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxrlhf.models.config import ModelConfig, RopeConfig
+from jaxrlhf.parallel.rules import (
+    DEFAULT_RULES,
+    Rules,
+    annotate_out_sharding,
+    constrain,
+    named_shardings,
+    partition_specs,
+)
+
+__all__ = ["Decoder", "Block", "init_model", "segment_positions", "rope_inverse_frequencies"]
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+_REMAT_POLICIES = {
+    "full": None,  # jax.checkpoint's default: save nothing inside the layer
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+_ACTIVATION_AXES = ("batch", "seq", "act_embed")
+_NO_WINDOW = np.iinfo(np.int32).max
+
+
+def _param(initializer, rngs: nnx.Rngs, shape, logical_axes, config: ModelConfig) -> nnx.Param:
+    value = initializer(rngs.params(), tuple(shape), jnp.dtype(config.param_dtype))
+    return nnx.Param(value, logical_axes=tuple(logical_axes))
+
+
+def _normal(config: ModelConfig):
+    return jax.nn.initializers.normal(config.initializer_range)
+
+
+class RMSNorm(nnx.Module):
+    """``scale * x / rms(x)`` over the last axis, statistics in float32 (as transformers does)."""
+
+    def __init__(self, size: int, config: ModelConfig, *, stack: tuple[int, ...], rngs: nnx.Rngs):
+        self.eps = config.rms_norm_eps
+        layers = ("layers",) * len(stack)
+        self.scale = _param(jax.nn.initializers.ones, rngs, (*stack, size), (*layers, "norm"), config)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """float32 ``[head_dim // 2]`` inverse frequencies, with "linear" or "llama3" scaling applied."""
+    inv_freq = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.rope_type == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between.
+        context = rope.original_max_position_embeddings
+        low_freq_wavelen = context / rope.low_freq_factor
+        high_freq_wavelen = context / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (context / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        inv_freq = np.where(is_medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def _rope_tables(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """cos and sin ``[B, T, head_dim]`` for the rotate-half convention of HF Llama checkpoints."""
+    inv_freq = jnp.asarray(rope_inverse_frequencies(config.rope, config.head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    dtype = jnp.dtype(config.dtype)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    first, second = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token inside its own segment: ``[B, T]`` counting from 0 at each segment start."""
+    index = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[..., :1], bool), segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1
+    )
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=segment_ids.ndim - 1)
+
+
+def _segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """``[B, 1, T, T]``: query and key in the same segment and key not after query.
+
+    Padding (segment 0) attends to earlier padding, so no row is empty (an empty
+    row is NaN in some kernels); padding outputs are never used.
+    """
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    index = jnp.arange(segment_ids.shape[-1])
+    causal = index[:, None] >= index[None, :]
+    return (same & causal)[:, None]
+
+
+def _window_mask(mask: jax.Array, window: jax.Array) -> jax.Array:
+    """Restrict ``mask`` to keys less than ``window`` tokens back (HF: kv_idx > q_idx - sliding_window)."""
+    index = jnp.arange(mask.shape[-1])
+    return mask & ((index[:, None] - index[None, :]) < window)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with RoPE, optional q/k/v/o bias and optional per-head q/k RMSNorm."""
+
+    def __init__(self, config: ModelConfig, *, stack: tuple[int, ...], rngs: nnx.Rngs):
+        self.config = config
+        d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        layers = ("layers",) * len(stack)
+        normal, zeros = _normal(config), jax.nn.initializers.zeros
+        self.q_proj = _param(normal, rngs, (*stack, d, h, hd), (*layers, "embed", "heads", "head_dim"), config)
+        self.k_proj = _param(normal, rngs, (*stack, d, kv, hd), (*layers, "embed", "kv_heads", "head_dim"), config)
+        self.v_proj = _param(normal, rngs, (*stack, d, kv, hd), (*layers, "embed", "kv_heads", "head_dim"), config)
+        self.o_proj = _param(normal, rngs, (*stack, h, hd, d), (*layers, "heads", "head_dim", "embed"), config)
+        # Absent parameters are None (a static attribute), decided once per config.
+        qkv_bias = config.qkv_bias
+        self.q_bias = _param(zeros, rngs, (*stack, h, hd), (*layers, "heads", "head_dim"), config) if qkv_bias else None
+        self.k_bias = (
+            _param(zeros, rngs, (*stack, kv, hd), (*layers, "kv_heads", "head_dim"), config) if qkv_bias else None
+        )
+        self.v_bias = (
+            _param(zeros, rngs, (*stack, kv, hd), (*layers, "kv_heads", "head_dim"), config) if qkv_bias else None
+        )
+        self.o_bias = _param(zeros, rngs, (*stack, d), (*layers, "embed"), config) if config.o_bias else None
+        self.q_norm = RMSNorm(hd, config, stack=stack, rngs=rngs) if config.qk_norm else None
+        self.k_norm = RMSNorm(hd, config, stack=stack, rngs=rngs) if config.qk_norm else None
+
+    def _project(self, x, kernel, bias):
+        dtype = x.dtype
+        y = jnp.einsum("btd,dhk->bthk", x, kernel[...].astype(dtype))
+        return y if bias is None else y + bias[...].astype(dtype)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        q = self._project(x, self.q_proj, self.q_bias)
+        k = self._project(x, self.k_proj, self.k_bias)
+        v = self._project(x, self.v_proj, self.v_bias)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        # is_causal is implied by the mask; passing it lets cuDNN skip the upper triangle.
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=self.config.attention_impl)
+        out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(x.dtype))
+        return out if self.o_bias is None else out + self.o_bias[...].astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """Gated MLP: ``down(act(gate(x)) * up(x))``."""
+
+    def __init__(self, config: ModelConfig, *, stack: tuple[int, ...], rngs: nnx.Rngs):
+        self.config = config
+        d, f = config.hidden_size, config.intermediate_size
+        layers = ("layers",) * len(stack)
+        normal, zeros = _normal(config), jax.nn.initializers.zeros
+        self.gate_proj = _param(normal, rngs, (*stack, d, f), (*layers, "embed", "mlp"), config)
+        self.up_proj = _param(normal, rngs, (*stack, d, f), (*layers, "embed", "mlp"), config)
+        self.down_proj = _param(normal, rngs, (*stack, f, d), (*layers, "mlp", "embed"), config)
+        bias = config.mlp_bias
+        self.gate_bias = _param(zeros, rngs, (*stack, f), (*layers, "mlp"), config) if bias else None
+        self.up_bias = _param(zeros, rngs, (*stack, f), (*layers, "mlp"), config) if bias else None
+        self.down_bias = _param(zeros, rngs, (*stack, d), (*layers, "embed"), config) if bias else None
+
+    def _linear(self, x, kernel, bias):
+        y = x @ kernel[...].astype(x.dtype)
+        return y if bias is None else y + bias[...].astype(x.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = _ACTIVATIONS[self.config.hidden_act](self._linear(x, self.gate_proj, self.gate_bias))
+        return self._linear(gate * self._linear(x, self.up_proj, self.up_bias), self.down_proj, self.down_bias)
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder layer. Built with ``stack=(L,)`` it holds L layers' parameters, called one slice at a time."""
+
+    def __init__(self, config: ModelConfig, *, stack: tuple[int, ...] = (), rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(config.hidden_size, config, stack=stack, rngs=rngs)
+        self.attn = Attention(config, stack=stack, rngs=rngs)
+        self.mlp_norm = RMSNorm(config.hidden_size, config, stack=stack, rngs=rngs)
+        self.mlp = MLP(config, stack=stack, rngs=rngs)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(nnx.Module):
+    """Token embedding, ``num_layers`` stacked ``Block``s, final RMSNorm; the LM head is separate (``lm_head_matrix``)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = _param(_normal(config), rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config)
+        self.layers = Block(config, stack=(config.num_layers,), rngs=rngs)
+        self.final_norm = RMSNorm(config.hidden_size, config, stack=(), rngs=rngs)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else _param(_normal(config), rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), config)
+        )
+
+    def lm_head_matrix(self) -> jax.Array:
+        """The ``[D, V]`` output projection in the compute dtype (tied models: the embedding transposed)."""
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return head.astype(self.config.dtype)
+
+    def __call__(
+        self, tokens: jax.Array, *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
+        """Final hidden states ``[B, T, D]`` (after the last norm) in ``config.dtype``."""
+        config = self.config
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        if positions is None:
+            positions = segment_positions(segment_ids)
+        x = jnp.take(self.embed[...].astype(config.dtype), tokens, axis=0)
+        x = constrain(x, _ACTIVATION_AXES)
+        cos, sin = _rope_tables(positions, config)
+        mask = _segment_mask(segment_ids)
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer(x, layer_state, window):
+            layer_mask = mask if window is None else _window_mask(mask, window)
+            y = nnx.merge(graphdef, layer_state)(x, cos, sin, layer_mask)
+            return constrain(y, _ACTIVATION_AXES)
+
+        if config.remat != "none":
+            # Inside lax.scan, CSE across iterations cannot undo the remat, so skip its barrier.
+            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
+        windows = config.layer_windows()
+        window_array = None
+        if any(w is not None for w in windows):
+            window_array = jnp.asarray([_NO_WINDOW if w is None else w for w in windows], jnp.int32)
+        if config.scan_layers:
+            x, _ = jax.lax.scan(lambda carry, xs: (layer(carry, *xs), None), x, (stacked, window_array))
+        else:
+            for i in range(config.num_layers):
+                layer_state = jax.tree.map(lambda a: a[i], stacked)
+                x = layer(x, layer_state, None if window_array is None else window_array[i])
+        return constrain(self.final_norm(x), _ACTIVATION_AXES)
+
+
+def init_model(config: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Decoder:
+    """A randomly initialised ``Decoder`` (normal(initializer_range) weights, zero biases, unit norms).
+
+    With a mesh, each parameter is created directly in its shards (one jit whose
+    out_shardings come from ``rules``), so no device ever holds the full model.
+    """
+
+    def create() -> Decoder:
+        return Decoder(config, rngs=nnx.Rngs(seed))
+
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
+    shardings = None if mesh is None else named_shardings(abstract_state, mesh, rules)
+    state = jax.jit(lambda: nnx.split(create())[1], out_shardings=shardings)()
+    model = nnx.merge(graphdef, state)
+    if mesh is not None:
+        annotate_out_sharding(model, partition_specs(abstract_state, mesh, rules))
+    return model

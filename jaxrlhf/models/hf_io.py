@@ -1,0 +1,438 @@
+"""Hugging Face checkpoints in and out: ``load_hf`` and ``save_hf``.
+
+Only safetensors are read (never a pickle, never remote code). ``load_hf`` builds
+the model abstractly, then fills each parameter straight into its target
+sharding with ``jax.make_array_from_callback``: every device shard is read from
+a memory map of the checkpoint file, so the host holds at most one parameter's
+shards at a time, and a process only reads the shards its devices own.
+
+``save_hf`` writes what ``transformers.AutoModelForCausalLM.from_pretrained``
+loads without missing or unexpected keys: safetensors (split into
+``model-0000k-of-0000n.safetensors`` plus ``model.safetensors.index.json`` above
+``max_shard_size``), config.json, generation_config.json whose EOS ids include
+the chat template's end-of-turn token (so generation stops at the end of a
+turn), and the tokenizer. In a multi-process run every process must call it
+(parameters are gathered collectively) and process 0 writes.
+
+Name map: ``HF_NAME_MAPS[model_type]`` lists, for each of our parameter paths,
+the HF tensor name (``{i}`` = layer index, for the stacked layer parameters) and
+the layout change. Our kernels are ``[in..., out...]`` with heads split out
+(``q_proj``: ``[D, H, hd]``, ``o_proj``: ``[H, hd, D]``); HF linears are
+``[out, in]`` with heads flattened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from safetensors.numpy import save_file
+
+from jaxrlhf.models.config import ModelConfig, config_from_hf, config_to_hf
+from jaxrlhf.models.decoder import Decoder
+from jaxrlhf.parallel.rules import DEFAULT_RULES, Rules, annotate_out_sharding, partition_specs
+
+__all__ = ["HF_NAME_MAPS", "TensorMap", "load_hf", "save_hf", "end_of_turn_token_id", "DEFAULT_MAX_SHARD_SIZE"]
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 2**30  # bytes per safetensors file, as transformers' save_pretrained
+_INDEX_FILE = "model.safetensors.index.json"
+_SINGLE_FILE = "model.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+    """One parameter: our state path, its HF name, and how the layouts differ.
+
+    ``layout``: "same" (identical), "flat" (ours ``[H, hd]`` = HF ``[H*hd]``), or
+    "linear" (ours ``[in..., out...]`` with ``in_dims`` input dims = HF ``[out, in]`` flattened).
+    """
+
+    ours: tuple[str, ...]
+    hf: str
+    layout: str = "same"
+    in_dims: int = 1
+
+    @property
+    def stacked(self) -> bool:
+        """True for the layer parameters, which carry a leading ``num_layers`` axis on our side."""
+        return self.ours[0] == "layers"
+
+    def hf_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """HF shape of one tensor, given our (per-layer) shape."""
+        if self.layout == "flat":
+            return (math.prod(shape),)
+        if self.layout == "linear":
+            return (math.prod(shape[self.in_dims :]), math.prod(shape[: self.in_dims]))
+        return tuple(shape)
+
+    def to_ours(self, hf: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        """A view (no copy, so memory maps stay lazy) of an HF tensor in our layout."""
+        if self.layout == "linear":
+            return hf.T.reshape(shape)
+        return hf.reshape(shape)
+
+    def to_hf(self, ours: np.ndarray) -> np.ndarray:
+        """Our (per-layer) array in HF layout, contiguous for safetensors."""
+        hf_shape = self.hf_shape(ours.shape)
+        if self.layout == "linear":
+            return np.ascontiguousarray(ours.reshape(hf_shape[::-1]).T)
+        return ours.reshape(hf_shape)
+
+
+_LAYER = "model.layers.{i}."
+# The four supported architectures name their tensors the same way; a new family adds its own table.
+_LLAMA_FAMILY = (
+    TensorMap(("embed",), "model.embed_tokens.weight"),
+    TensorMap(("layers", "attn_norm", "scale"), _LAYER + "input_layernorm.weight"),
+    TensorMap(("layers", "attn", "q_proj"), _LAYER + "self_attn.q_proj.weight", "linear"),
+    TensorMap(("layers", "attn", "k_proj"), _LAYER + "self_attn.k_proj.weight", "linear"),
+    TensorMap(("layers", "attn", "v_proj"), _LAYER + "self_attn.v_proj.weight", "linear"),
+    TensorMap(("layers", "attn", "o_proj"), _LAYER + "self_attn.o_proj.weight", "linear", in_dims=2),
+    TensorMap(("layers", "attn", "q_bias"), _LAYER + "self_attn.q_proj.bias", "flat"),
+    TensorMap(("layers", "attn", "k_bias"), _LAYER + "self_attn.k_proj.bias", "flat"),
+    TensorMap(("layers", "attn", "v_bias"), _LAYER + "self_attn.v_proj.bias", "flat"),
+    TensorMap(("layers", "attn", "o_bias"), _LAYER + "self_attn.o_proj.bias"),
+    TensorMap(("layers", "attn", "q_norm", "scale"), _LAYER + "self_attn.q_norm.weight"),
+    TensorMap(("layers", "attn", "k_norm", "scale"), _LAYER + "self_attn.k_norm.weight"),
+    TensorMap(("layers", "mlp_norm", "scale"), _LAYER + "post_attention_layernorm.weight"),
+    TensorMap(("layers", "mlp", "gate_proj"), _LAYER + "mlp.gate_proj.weight", "linear"),
+    TensorMap(("layers", "mlp", "up_proj"), _LAYER + "mlp.up_proj.weight", "linear"),
+    TensorMap(("layers", "mlp", "down_proj"), _LAYER + "mlp.down_proj.weight", "linear"),
+    TensorMap(("layers", "mlp", "gate_bias"), _LAYER + "mlp.gate_proj.bias"),
+    TensorMap(("layers", "mlp", "up_bias"), _LAYER + "mlp.up_proj.bias"),
+    TensorMap(("layers", "mlp", "down_bias"), _LAYER + "mlp.down_proj.bias"),
+    TensorMap(("final_norm", "scale"), "model.norm.weight"),
+    TensorMap(("lm_head",), "lm_head.weight", "linear"),
+)
+HF_NAME_MAPS: dict[str, tuple[TensorMap, ...]] = {
+    "llama": _LLAMA_FAMILY,
+    "mistral": _LLAMA_FAMILY,
+    "qwen2": _LLAMA_FAMILY,
+    "qwen3": _LLAMA_FAMILY,
+}
+# Tensors some checkpoints carry that are derived, not learned: safe to skip.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+}
+
+
+class _SafetensorsFile:
+    """Lazy tensors of one .safetensors file: a JSON header, then raw little-endian data (memory-mapped)."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        with path.open("rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_size))
+        header.pop("__metadata__", None)
+        self.header = header
+        self._data_start = 8 + header_size
+
+    @functools.cached_property
+    def _buffer(self) -> np.memmap:
+        return np.memmap(self.path, dtype=np.uint8, mode="r")
+
+    def tensor(self, name: str) -> np.ndarray:
+        info = self.header[name]
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(
+                f"{self.path}: tensor {name} has dtype {info['dtype']}; supported: {', '.join(_SAFETENSORS_DTYPES)}"
+            )
+        start, end = info["data_offsets"]
+        raw = self._buffer[self._data_start + start : self._data_start + end]
+        return raw.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+class _Checkpoint:
+    """All tensors of a local HF folder: one model.safetensors or shards listed in the index."""
+
+    def __init__(self, folder: pathlib.Path):
+        if (folder / _INDEX_FILE).exists():
+            weight_map = json.loads((folder / _INDEX_FILE).read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (folder / _SINGLE_FILE).exists():
+            files = [_SINGLE_FILE]
+        else:
+            files = sorted(p.name for p in folder.glob("*.safetensors"))
+        if not files:
+            found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+            raise FileNotFoundError(
+                f"no *.safetensors weights in {folder} (found: {', '.join(found) or 'nothing'}). "
+                "Pickled .bin/.pt checkpoints are never loaded; convert them to safetensors first."
+            )
+        self.files = {name: _SafetensorsFile(folder / name) for name in files}
+        self.location = {tensor: name for name, f in self.files.items() for tensor in f.header}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.files[self.location[name]].header[name]["shape"])
+
+    def tensor(self, name: str) -> np.ndarray:
+        return self.files[self.location[name]].tensor(name)
+
+
+def _entries(config: ModelConfig, state: nnx.State) -> list[tuple[TensorMap, nnx.Variable]]:
+    """The name-map entries for the parameters this config's model has, paired with its Variables."""
+    variables = dict(nnx.to_flat_state(state))
+    table = HF_NAME_MAPS[config.model_type]
+    entries = [(entry, variables[entry.ours]) for entry in table if entry.ours in variables]
+    unmapped = set(variables) - {entry.ours for entry, _ in entries}
+    if unmapped:  # a model parameter without an HF name would silently stay random
+        raise ValueError(f"no HF name for parameters {sorted(unmapped)} of model_type {config.model_type!r}")
+    return entries
+
+
+def _hf_names(entry: TensorMap, variable: nnx.Variable) -> list[tuple[str, int | None, tuple[int, ...]]]:
+    """(HF name, layer index or None, HF shape) for every tensor behind one of our parameters."""
+    if entry.stacked:
+        shape = entry.hf_shape(variable.shape[1:])
+        return [(entry.hf.format(i=i), i, shape) for i in range(variable.shape[0])]
+    return [(entry.hf, None, entry.hf_shape(variable.shape))]
+
+
+def _check_names(entries, checkpoint: _Checkpoint, config: ModelConfig, folder: pathlib.Path) -> None:
+    expected = {name: shape for entry, v in entries for name, _, shape in _hf_names(entry, v)}
+    available = set(checkpoint.location)
+    missing = sorted(set(expected) - available)
+    unexpected = sorted(
+        name
+        for name in available - set(expected)
+        if not name.endswith(_IGNORED_SUFFIXES)
+        # tied checkpoints sometimes store the (identical) head as well
+        and not (config.tie_word_embeddings and name == "lm_head.weight")
+    )
+    wrong_shape = [
+        f"{name}: {checkpoint.shape(name)} != {shape}"
+        for name, shape in expected.items()
+        if name in available and checkpoint.shape(name) != shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
+    if wrong_shape:
+        problems.append(f"wrong shapes: {'; '.join(wrong_shape)}")
+    if problems:
+        raise ValueError(
+            f"checkpoint {folder} does not match its config.json (model_type {config.model_type!r}, "
+            f"{config.num_layers} layers, tie_word_embeddings={config.tie_word_embeddings}, "
+            f"qkv_bias={config.qkv_bias}, qk_norm={config.qk_norm}): " + "; ".join(problems)
+        )
+
+
+def _index_key(index: tuple[slice, ...]) -> tuple:
+    return tuple((s.start, s.stop, s.step) for s in index)
+
+
+def _reader(entry: TensorMap, shape: tuple[int, ...], dtype: np.dtype, checkpoint: _Checkpoint) -> Callable:
+    """Callback for make_array_from_callback: the block ``index`` of our parameter, read from the checkpoint."""
+    cache: dict[tuple, np.ndarray] = {}  # replicated shards ask for the same block on several devices
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        key = _index_key(index)
+        if key not in cache:
+            if entry.stacked:
+                layers = range(shape[0])[index[0]]
+                blocks = [entry.to_ours(checkpoint.tensor(entry.hf.format(i=i)), shape[1:])[index[1:]] for i in layers]
+                cache[key] = np.stack(blocks).astype(dtype)
+            else:
+                cache[key] = np.asarray(entry.to_ours(checkpoint.tensor(entry.hf), shape)[index], dtype=dtype)
+        return cache[key]
+
+    return read
+
+
+def load_hf(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = jnp.bfloat16,
+    param_dtype: Any = jnp.float32,
+    mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
+    remat: str = "none",
+    scan_layers: bool = True,
+    attention_impl: str = "xla",
+) -> tuple[Decoder, ModelConfig]:
+    """Load a local HF folder (config.json + safetensors) as ``(Decoder, ModelConfig)``.
+
+    ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the
+    parameters. With ``mesh``, each parameter lands directly in the sharding
+    ``rules`` give it (and records it as ``out_sharding`` metadata); without,
+    parameters are ordinary arrays on the default device.
+    """
+    folder = pathlib.Path(path)
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} not found: load_hf reads a local Hugging Face model folder")
+    config = config_from_hf(
+        json.loads(config_file.read_text()),
+        dtype=jnp.dtype(dtype).name,
+        param_dtype=jnp.dtype(param_dtype).name,
+        remat=remat,
+        scan_layers=scan_layers,
+        attention_impl=attention_impl,
+    )
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
+    entries = _entries(config, abstract)
+    checkpoint = _Checkpoint(folder)
+    _check_names(entries, checkpoint, config, folder)
+    specs = None if mesh is None else dict(nnx.to_flat_state(partition_specs(abstract, mesh, rules)))
+    loaded = []
+    for entry, variable in entries:
+        shape, np_dtype = tuple(variable.shape), np.dtype(variable.dtype)
+        read = _reader(entry, shape, np_dtype, checkpoint)
+        if mesh is None:
+            value = jnp.asarray(read((slice(None),) * len(shape)))
+        else:
+            sharding = NamedSharding(mesh, specs[entry.ours].get_value())
+            value = jax.make_array_from_callback(shape, sharding, read)
+        loaded.append((entry.ours, variable.replace(value)))
+    model = nnx.merge(graphdef, nnx.from_flat_state(loaded))
+    if mesh is not None:
+        annotate_out_sharding(model, partition_specs(model, mesh, rules))
+    return model, config
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _layer_slice(stacked: jax.Array, layer: jax.Array, dtype: np.dtype) -> jax.Array:
+    # A traced layer index: one compilation per parameter shape, not per layer.
+    return jax.lax.dynamic_index_in_dim(stacked, layer, keepdims=False).astype(dtype)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _hf_tensors(entries, dtype: np.dtype) -> Iterator[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
+    """(name, shape, fetch) for every HF tensor: the unstacked parameters, then layer by layer."""
+    stacked = [(entry, v) for entry, v in entries if entry.stacked]
+    for entry, v in entries:
+        if not entry.stacked:
+            yield entry.hf, entry.hf_shape(v.shape), lambda e=entry, v=v: e.to_hf(_to_host(v[...].astype(dtype)))
+    for i in range(stacked[0][1].shape[0]):
+        for entry, v in stacked:
+            yield (
+                entry.hf.format(i=i),
+                entry.hf_shape(v.shape[1:]),
+                lambda e=entry, v=v, i=i: e.to_hf(_to_host(_layer_slice(v[...], jnp.int32(i), dtype))),
+            )
+
+
+def _plan_shards(tensors, itemsize: int, max_shard_size: int) -> list[list]:
+    shards: list[list] = [[]]
+    size = 0
+    for tensor in tensors:
+        nbytes = math.prod(tensor[1]) * itemsize
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += nbytes
+    return shards
+
+
+def end_of_turn_token_id(tokenizer) -> int | None:
+    """The special token the chat template puts right after an assistant message (e.g. ``<|im_end|>``).
+
+    Found by rendering a one-turn conversation and tokenising what follows the
+    assistant's text; None without a chat template or if no special token follows.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "ZQXJ_END_OF_TURN_PROBE"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
+    following = tokenizer.encode(text[text.index(marker) + len(marker) :], add_special_tokens=False)
+    special = set(tokenizer.all_special_ids) | {
+        token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special
+    }
+    return following[0] if following and following[0] in special else None
+
+
+def _load_tokenizer(tokenizer):
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+    return tokenizer
+
+
+def save_hf(
+    model: Decoder,
+    model_config: ModelConfig,
+    path: str | os.PathLike,
+    *,
+    tokenizer=None,
+    dtype: Any = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+) -> None:
+    """Write ``model`` as an HF folder loadable by ``AutoModelForCausalLM.from_pretrained``.
+
+    ``tokenizer``: an HF tokenizer or a local tokenizer folder (saved alongside;
+    its EOS and end-of-turn tokens go into generation_config.json). ``dtype`` of
+    the saved weights defaults to the dtype of the checkpoint the model was
+    loaded from, else ``param_dtype``. Existing weight files in ``path`` are replaced.
+    """
+    folder = pathlib.Path(path)
+    save_dtype = jnp.dtype(dtype or model_config.checkpoint_dtype or model_config.param_dtype)
+    entries = _entries(model_config, nnx.state(model))
+    shards = _plan_shards(list(_hf_tensors(entries, save_dtype)), save_dtype.itemsize, max_shard_size)
+    tokenizer = _load_tokenizer(tokenizer)
+    writer = jax.process_index() == 0
+    if writer:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in [*folder.glob("model*.safetensors"), folder / _INDEX_FILE]:
+            stale.unlink(missing_ok=True)
+    names = (
+        [_SINGLE_FILE]
+        if len(shards) == 1
+        else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    )
+    weight_map = {}
+    for file_name, shard in zip(names, shards):
+        tensors = {name: fetch() for name, _, fetch in shard}  # every process joins the gathers
+        if writer:
+            save_file(tensors, str(folder / file_name), metadata={"format": "pt"})
+        weight_map.update({name: file_name for name in tensors})
+    if not writer:
+        return
+    if len(shards) > 1:
+        total = sum(math.prod(shape) for shard in shards for _, shape, _ in shard) * save_dtype.itemsize
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / _INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    hf_config = config_to_hf(model_config, dtype=save_dtype.name)
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    eos_ids = list(model_config.eos_token_id)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+        eos_ids += [tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)]
+    eos_ids = list(dict.fromkeys(i for i in eos_ids if i is not None))
+    generation = {
+        "bos_token_id": model_config.bos_token_id,
+        "eos_token_id": eos_ids,
+        "pad_token_id": model_config.pad_token_id,
+    }
+    (folder / "generation_config.json").write_text(
+        json.dumps({k: v for k, v in generation.items() if v not in (None, [])}, indent=2) + "\n"
+    )
