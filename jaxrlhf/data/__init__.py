@@ -1,0 +1,31 @@
+"""Data: dataset files -> records -> encoded examples -> Grain pipelines -> fixed-shape batches.
+
+Modules, one job each: ``sources`` (random-access readers with cached indexes),
+``formats`` (TRL record formats -> typed examples), ``chat`` (template rendering
+and assistant spans), ``encode`` (``encode_sft`` / ``encode_dpo`` and the mask
+rule), ``validate`` (policies and invariants), ``pipeline`` (grain), ``config``
+(``DataConfig``), ``inspect`` (``jaxrlhf inspect-data``).
+"""
+
+from jaxrlhf.data.assets import asset_path
+from jaxrlhf.data.config import Columns, DataConfig, DatasetConfig
+from jaxrlhf.data.encode import encode_dpo, encode_sft
+from jaxrlhf.data.errors import DROP_REASONS, DataError, ExampleDropped, Origin
+from jaxrlhf.data.pipeline import DataIterator, make_iterator
+from jaxrlhf.data.tokenizer import load_tokenizer
+
+__all__ = [
+    "encode_sft",
+    "encode_dpo",
+    "DataConfig",
+    "DatasetConfig",
+    "Columns",
+    "make_iterator",
+    "DataIterator",
+    "load_tokenizer",
+    "DataError",
+    "ExampleDropped",
+    "DROP_REASONS",
+    "Origin",
+    "asset_path",
+]

@@ -1,0 +1,227 @@
+"""Records -> encoded examples: ``{"tokens", "loss_mask"}``, 1-D int32, unpadded.
+
+The loss-mask rule, for every format: the text is tokenized ONCE, whole, and
+
+    a token is trained iff its first character lies inside an assistant span,
+
+where an assistant span is the reply as the chat template renders it (some
+templates trim it) plus its end-of-turn marker (``train_on_eot=False``: without
+the marker); for untemplated prompt/completion strings the span is the
+completion, and the EOS appended after it is trained; for ``{"text"}`` all of the
+text and the EOS. Tokens with no characters (a BOS the tokenizer's
+post-processor adds) are never in a span. A token that straddles a span's start
+(a BPE merge across the prompt/reply boundary) starts in the prompt, so it is not
+trained; the tokens after it are unaffected: the mask never shifts. Finally
+``loss_mask[0] = 0``: the first token has no context to be predicted from.
+
+Rendered templates are tokenized with ``add_special_tokens=False`` (the template
+writes its own BOS); plain strings with the tokenizer's special tokens (as TRL).
+
+Length limits apply before packing, identically to both sides of a DPO pair:
+an example longer than ``max_length`` (or whose prompt/completion exceeds
+``max_prompt_length``/``max_completion_length``) is dropped, or with
+``truncation="truncate_prompt"`` loses prompt tokens from the left, right after
+the system turn (which is kept, with the first message's header). A completion
+is never cut. Drops raise ``ExampleDropped(reason)``; bad records ``DataError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from jaxrlhf.data import chat as chat_lib
+from jaxrlhf.data import validate
+from jaxrlhf.data.config import Columns
+from jaxrlhf.data.errors import ExampleDropped
+from jaxrlhf.data.formats import Chat, Plain, Text, parse_preference, parse_sft, record_origin
+
+__all__ = ["encode_sft", "encode_dpo"]
+
+
+@dataclasses.dataclass
+class _Sequence:
+    tokens: np.ndarray  # int32 [n]
+    mask: np.ndarray  # int32 [n]
+    ends: np.ndarray  # end character of each token (appended EOS: len(text))
+    protected_chars: Callable[[], int]  # characters prompt truncation keeps (computed only when truncating)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens before the first trained one."""
+        return int(np.argmax(self.mask)) if self.mask.any() else len(self.mask)
+
+
+def _tokenize(tokenizer, text: str, spans, *, add_special_tokens: bool):
+    encoding = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    tokens = np.asarray(encoding["input_ids"], np.int32)
+    offsets = np.asarray(encoding["offset_mapping"], np.int64).reshape(-1, 2)
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    trained = np.zeros(len(tokens), bool)
+    for a, b in spans:
+        trained |= (starts >= a) & (starts < b)
+    trained &= ends > starts  # tokens with no characters (post-processor BOS) are never trained
+    return tokens, trained.astype(np.int32), ends
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token; plain prompt/completion and text examples end with EOS")
+    return int(tokenizer.eos_token_id)
+
+
+def _plain(tokenizer, prompt: str, completion: str) -> _Sequence:
+    text = prompt + completion
+    tokens, mask, ends = _tokenize(tokenizer, text, [(len(prompt), len(text))], add_special_tokens=True)
+    eos = _eos_id(tokenizer)
+    if len(tokens) and tokens[-1] == eos:  # the text (or the post-processor) already ends with EOS
+        mask[-1] = 1
+    else:
+        tokens = np.append(tokens, np.int32(eos))
+        mask = np.append(mask, np.int32(1))
+        ends = np.append(ends, len(text))
+    return _Sequence(tokens, mask, ends, lambda: 0)
+
+
+def _chat(tokenizer, chat: Chat, *, template, label, train_on_eot, origin) -> _Sequence:
+    rendered = chat_lib.render_chat(
+        tokenizer, chat, template=template, label=label, train_on_eot=train_on_eot, origin=origin
+    )
+    tokens, mask, ends = _tokenize(tokenizer, rendered.text, rendered.spans, add_special_tokens=False)
+    protected = lambda: chat_lib.protected_prefix(  # noqa: E731
+        tokenizer, chat, rendered.text, template=template, label=label, origin=origin
+    )
+    return _Sequence(tokens, mask, ends, protected)
+
+
+def _sequence(example, tokenizer, *, chat_template, train_on_eot, origin) -> _Sequence:
+    if isinstance(example, Plain):
+        return _plain(tokenizer, example.prompt, example.completion)
+    if isinstance(example, Text):
+        return _plain(tokenizer, "", example.text)
+    template = chat_lib.template_text(tokenizer, chat_template)
+    label = repr(chat_template) if chat_template and len(chat_template) < 200 else "(default)"
+    return _chat(tokenizer, example, template=template, label=label, train_on_eot=train_on_eot, origin=origin)
+
+
+def _fit(sequences: list[_Sequence], *, max_length, max_prompt_length, max_completion_length, truncation):
+    """Apply the length limits to sequences sharing one prompt (1 for SFT, 2 for DPO); same cut for all."""
+    for s in sequences:
+        s.mask[0] = 0
+        if not s.mask.any():
+            raise ExampleDropped("no_trained_tokens", "no token starts inside a reply")
+    prompt = min(s.prompt_tokens for s in sequences)
+    if max_completion_length is not None:
+        longest = max(len(s.tokens) - s.prompt_tokens for s in sequences)
+        if longest > max_completion_length:
+            raise ExampleDropped("completion_too_long", f"{longest} > max_completion_length={max_completion_length}")
+    cut, reason = 0, "too_long"
+    if max_prompt_length is not None and prompt > max_prompt_length:
+        cut, reason = prompt - max_prompt_length, "prompt_too_long"
+        if truncation == "drop":
+            raise ExampleDropped(reason, f"{prompt} > max_prompt_length={max_prompt_length}")
+    longest = max(len(s.tokens) for s in sequences)
+    if longest - max_length > cut:
+        cut, reason = longest - max_length, "too_long"
+        if truncation == "drop":
+            raise ExampleDropped(reason, f"{longest} > max_length={max_length}")
+    if cut == 0:
+        return sequences
+    # Only tokens all sequences share may go, and the first trained token must keep a token before it.
+    shared = len(sequences[0].tokens)
+    for s in sequences[1:]:
+        n = min(shared, len(s.tokens))
+        shared = int(np.argmin(np.append(s.tokens[:n] == sequences[0].tokens[:n], False)))
+    keep_chars = sequences[0].protected_chars()
+    keep = max(int(np.sum(s.ends <= keep_chars)) for s in sequences)
+    if keep + cut > min(shared, prompt - 1):
+        raise ExampleDropped(reason, f"cutting {cut} prompt tokens would reach the system turn or the reply")
+    return [
+        _Sequence(
+            np.concatenate([s.tokens[:keep], s.tokens[keep + cut :]]),
+            np.concatenate([s.mask[:keep], s.mask[keep + cut :]]),
+            np.concatenate([s.ends[:keep], s.ends[keep + cut :]]),
+            s.protected_chars,
+        )
+        for s in sequences
+    ]
+
+
+def _output(s: _Sequence, max_length: int, origin) -> dict[str, np.ndarray]:
+    example = {"tokens": s.tokens.astype(np.int32), "loss_mask": s.mask.astype(np.int32)}
+    validate.check_example(example, max_length=max_length, origin=origin)
+    return example
+
+
+def encode_sft(
+    record: dict,
+    tokenizer,
+    *,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
+    truncation: str = "drop",
+    train_on_eot: bool = True,
+    chat_template: str | None = None,
+    columns: Columns | None = None,
+    fmt: str = "auto",
+    origin=None,
+) -> dict[str, np.ndarray]:
+    """One SFT record -> ``{"tokens", "loss_mask"}`` (1-D int32, unpadded, ``len <= max_length``).
+
+    Raises ``DataError`` for a bad record and ``ExampleDropped`` for one the length
+    policy leaves out. The mask rule is in this module's docstring.
+    """
+    validate.check_truncation(truncation)
+    columns = columns or Columns()
+    origin = record_origin(record, origin, columns)
+    example = parse_sft(record, columns=columns, fmt=fmt, origin=origin)
+    sequence = _sequence(example, tokenizer, chat_template=chat_template, train_on_eot=train_on_eot, origin=origin)
+    (sequence,) = _fit(
+        [sequence],
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        max_completion_length=max_completion_length,
+        truncation=truncation,
+    )
+    return _output(sequence, max_length, origin)
+
+
+def encode_dpo(
+    record: dict,
+    tokenizer,
+    *,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
+    truncation: str = "drop",
+    train_on_eot: bool = True,
+    on_identical_pairs: str = "error",
+    chat_template: str | None = None,
+    columns: Columns | None = None,
+    fmt: str = "auto",
+    origin=None,
+) -> dict[str, dict[str, np.ndarray]]:
+    """One preference record -> ``{"chosen": {"tokens", "loss_mask"}, "rejected": {...}}``.
+
+    Both sides share the prompt text and get the same truncation; identical pairs
+    follow ``on_identical_pairs`` ("error", "drop" or "allow").
+    """
+    validate.check_truncation(truncation)
+    columns = columns or Columns()
+    origin = record_origin(record, origin, columns)
+    pair = parse_preference(record, columns=columns, fmt=fmt, origin=origin)
+    validate.check_pair(pair, on_identical_pairs, origin)
+    kw = dict(chat_template=chat_template, train_on_eot=train_on_eot, origin=origin)
+    sides = [_sequence(pair.side(which), tokenizer, **kw) for which in ("chosen", "rejected")]
+    chosen, rejected = _fit(
+        sides,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        max_completion_length=max_completion_length,
+        truncation=truncation,
+    )
+    return {"chosen": _output(chosen, max_length, origin), "rejected": _output(rejected, max_length, origin)}
+
