@@ -7,7 +7,9 @@
 
 For a trainer: ``model(tokens, positions=, segment_ids=) -> hidden [B, T, D]`` and
 ``model.lm_head_matrix() -> [D, V]`` feed ``ops.logprobs.chunked_token_logprobs``
-(full logits are never formed); ``init_model(config, seed=, mesh=)`` builds a
+(full logits are never formed), and ``make_logprob_fn(graphdef)`` wraps them as
+``(params, tokens, positions, segment_ids) -> token_lp`` over ``graphdef, params =
+nnx.split(model)`` for the jitted train steps; ``init_model(config, seed=, mesh=)`` builds a
 random model; ``jaxrlhf.parallel.partition_specs(model, mesh)`` gives the
 parameter PartitionSpecs for jit in/out shardings. See ``decoder`` for the
 dtype, remat and scan switches (fields of ``ModelConfig``).
@@ -16,6 +18,7 @@ dtype, remat and scan switches (fields of ``ModelConfig``).
 from __future__ import annotations
 
 import jax
+from flax import nnx
 
 from jaxrlhf.models.config import ModelConfig, RopeConfig, config_from_hf, config_to_hf
 from jaxrlhf.models.decoder import Decoder, init_model, segment_positions
@@ -33,6 +36,7 @@ __all__ = [
     "end_of_turn_token_id",
     "init_model",
     "load_hf",
+    "make_logprob_fn",
     "save_hf",
     "segment_positions",
     "token_logprobs",
@@ -62,3 +66,13 @@ def token_logprobs(
     if chunk_size is None:
         chunk_size = default_chunk_size(tokens.shape[0], model.config.vocab_size)
     return chunked_token_logprobs(hidden, model.lm_head_matrix(), tokens, chunk_size=chunk_size, segment_ids=segment_ids)
+
+
+def make_logprob_fn(graphdef: nnx.GraphDef, *, chunk_size: int | None = None):
+    """``(params, tokens, positions, segment_ids) -> token_lp`` for ``graphdef, params = nnx.split(model)``."""
+
+    def logprob_fn(params, tokens, positions, segment_ids):
+        model = nnx.merge(graphdef, params)
+        return token_logprobs(model, tokens, positions=positions, segment_ids=segment_ids, chunk_size=chunk_size)
+
+    return logprob_fn
