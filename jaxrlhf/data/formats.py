@@ -121,7 +121,8 @@ def _messages(
             raise DataError(
                 origin, f"expected a string, got {type(content).__name__}", field=f"{where}.{columns.content}"
             )
-        weight = message.get("weight", 1)
+        # Arrow tables fill keys that only some messages have with None.
+        weight = 1 if message.get("weight") is None else message["weight"]
         if weight not in (0, 1):
             raise DataError(origin, f"expected 0 or 1, got {weight!r}", field=f"{where}.weight")
         extras = {k: v for k, v in message.items() if k not in (columns.role, columns.content, "weight")}
@@ -177,6 +178,9 @@ def parse_sft(record: dict, *, columns: Columns | None = None, fmt: str = "auto"
         return Chat(messages, trained, _tools(record, columns, origin))
     prompt = _field(record, columns.prompt, origin, kind="prompt/completion")
     completion = _field(record, columns.completion, origin, kind="prompt/completion")
+    for name, value in ((columns.prompt, prompt), (columns.completion, completion)):
+        if not isinstance(value, (str, list, tuple)):
+            raise DataError(origin, f"expected a string or a list of messages, got {type(value).__name__}", field=name)
     if isinstance(prompt, str) and isinstance(completion, str):
         return Plain(_string(prompt, columns.prompt, origin, allow_empty=True), _string(completion, columns.completion, origin))
     if isinstance(prompt, (list, tuple)) and isinstance(completion, (list, tuple)):

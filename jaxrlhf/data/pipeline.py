@@ -297,7 +297,11 @@ class DataIterator(grain.DatasetIterator):
 
     @property
     def stats(self) -> dict:
-        """``{"kept": n, "dropped": {reason: n}}`` for the examples this process has read so far."""
+        """``{"kept": n, "dropped": {reason: n}}`` for the examples this process has read so far.
+
+        Packing reads a little ahead of the rows it has emitted; restoring a state
+        restores the counts that go with it.
+        """
         return self._drop_stats.as_dict()
 
 

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import functools
 import pathlib
+import threading
 
 __all__ = ["load_tokenizer", "pad_id"]
 
+# Reader threads of a fresh worker process all ask for the tokenizer at once, and
+# transformers' lazy imports are not thread-safe: load under a lock.
+_LOCK = threading.Lock()
+
+
+def load_tokenizer(path: str):
+    """``AutoTokenizer.from_pretrained(path)`` for a local folder; it must be a fast tokenizer (offset mappings).
+
+    Loaded once per process and path.
+    """
+    with _LOCK:
+        return _load(path)
+
 
 @functools.lru_cache(maxsize=8)
-def load_tokenizer(path: str):
-    """``AutoTokenizer.from_pretrained(path)`` for a local folder; it must be a fast tokenizer (offset mappings)."""
+def _load(path: str):
     from transformers import AutoTokenizer
 
     if not path:

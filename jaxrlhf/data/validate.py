@@ -45,7 +45,7 @@ def check_pair(pair, policy: str, origin) -> None:
         origin,
         "chosen and rejected are identical: DPO cannot learn from this pair (its loss is stuck at ln 2 = 0.6931 with"
         " zero gradient). Fix the data, or set data.on_identical_pairs=drop to skip and count such pairs"
-        " (`jaxrlhf inspect-data` lists all of them).",
+        " (`jaxrlhf inspect-data` lists the offending records).",
     )
 
 
@@ -74,7 +74,7 @@ def check_batch(batch: dict, *, task: str, batch_size: int, max_length: int, wit
     for key in BATCH_KEYS:
         if batch[key].shape != shape or batch[key].dtype != np.int32:
             raise ValueError(f"batch[{key!r}] is {batch[key].shape} {batch[key].dtype}, expected {shape} int32")
-    if with_pair_mask and (batch["pair_mask"].shape != (batch_size,) or batch["pair_mask"].dtype != np.int32):
+    if "pair_mask" in expected and (batch["pair_mask"].shape != (batch_size,) or batch["pair_mask"].dtype != np.int32):
         raise ValueError(f"batch['pair_mask'] is {batch['pair_mask'].shape}, expected ({batch_size},) int32")
     mask, seg, pos = batch["loss_mask"], batch["segment_ids"], batch["positions"]
     previous = np.concatenate([np.zeros_like(seg[..., :1]), seg[..., :-1]], axis=-1)

@@ -1,0 +1,201 @@
+"""``jaxrlhf inspect-data``: look at encoded examples token by token, and at what the data config keeps.
+
+    jaxrlhf inspect-data --file data.jsonl --tokenizer path/to/tokenizer
+    jaxrlhf inspect-data --config_path run.yaml --num_examples 5
+    jaxrlhf inspect-data --file data.jsonl --tokenizer tok --json true > examples.jsonl
+
+Prints the first ``num_examples`` examples with trained tokens highlighted, then
+a table: records scanned, kept, dropped by reason, bad records (the first
+``max_errors`` with their file/line and message, e.g. identical DPO pairs), length percentiles, the fraction of trained tokens, and padding /
+packing efficiency (real tokens per row slot). ``--json true`` writes one JSON
+object per example (``tokens``, ``pieces``, ``loss_mask``) to stdout and the
+table to stderr. Exit status 1 when some records are bad.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Literal
+
+import grain
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from jaxrlhf.data.config import DataConfig, DatasetConfig
+from jaxrlhf.data.encode import encode_dpo, encode_sft
+from jaxrlhf.data.errors import DataError, ExampleDropped
+from jaxrlhf.data.formats import PREFERENCE_FORMATS
+from jaxrlhf.data.pipeline import encode_options, pack_rows, record_datasets
+from jaxrlhf.data.tokenizer import load_tokenizer, pad_id
+
+__all__ = ["InspectConfig", "run", "scan"]
+
+
+@dataclasses.dataclass
+class InspectConfig:
+    """Settings of ``jaxrlhf inspect-data``."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    file: str | None = None
+    """A data file or glob to inspect instead of data.train."""
+    tokenizer: str | None = None
+    """Tokenizer folder (overrides data.tokenizer)."""
+    task: Literal["auto", "sft", "dpo"] = "auto"
+    """auto: dpo when the records have chosen/rejected fields."""
+    split: Literal["train", "eval"] = "train"
+    num_examples: int = 3
+    """Examples printed token by token."""
+    scan: int | None = 1000
+    """Records encoded for the statistics; None = all of them."""
+    json: bool = False
+    """One JSON object per example on stdout instead of the rich view."""
+    max_errors: int = 20
+    """Bad records listed (file, line, message)."""
+
+
+@dataclasses.dataclass
+class ScanResult:
+    """What encoding the first records gave: examples kept (with origins), drops, bad records."""
+
+    task: str
+    examples: list[tuple[str, dict]] = dataclasses.field(default_factory=list)
+    dropped: dict[str, int] = dataclasses.field(default_factory=dict)
+    errors: list[str] = dataclasses.field(default_factory=list)
+    scanned: int = 0
+
+
+def _detect_task(dataset: DatasetConfig, rows) -> str:
+    if dataset.format in PREFERENCE_FORMATS:
+        return "dpo"
+    if dataset.format != "auto" or len(rows) == 0:
+        return "sft"
+    first = rows[0].data
+    return "dpo" if dataset.columns.chosen in first and dataset.columns.rejected in first else "sft"
+
+
+def scan(config: DataConfig, *, task: str = "auto", split: str = "train", limit: int | None = None) -> ScanResult:
+    """Encode records in file order (up to ``limit``), counting kept, dropped by reason, and bad records."""
+    datasets = record_datasets(config, split)
+    if task == "auto":
+        task = _detect_task(*datasets[0])
+    tokenizer = load_tokenizer(config.tokenizer)
+    encode = encode_sft if task == "sft" else encode_dpo
+    options = encode_options(config, task)
+    result = ScanResult(task)
+    for dataset, rows in datasets:
+        for i in range(len(rows)):
+            if limit is not None and result.scanned >= limit:
+                return result
+            result.scanned += 1
+            try:
+                row = rows[i]
+                example = encode(row.data, tokenizer, origin=row.origin, columns=dataset.columns, fmt=dataset.format, **options)
+            except ExampleDropped as e:
+                result.dropped[e.reason] = result.dropped.get(e.reason, 0) + 1
+            except DataError as e:
+                result.errors.append(str(e))
+            else:
+                result.examples.append((str(row.origin), example))
+    return result
+
+
+def _sequences(result: ScanResult) -> list[dict]:
+    if result.task == "sft":
+        return [example for _, example in result.examples]
+    return [example[side] for _, example in result.examples for side in ("chosen", "rejected")]
+
+
+def _packed_rows(examples: list[dict], config: DataConfig, tokenizer) -> int:
+    packing = config.packing if config.packing != "none" else "first_fit"
+    ds = grain.MapDataset.source(examples).to_iter_dataset()
+    packed = pack_rows(
+        ds, packing=packing, max_length=config.max_length, bins=config.packing_bins or config.batch_size,
+        seed=config.seed, shuffle=False, pad=pad_id(tokenizer),
+    )  # fmt: skip
+    return sum(1 for _ in packed)
+
+
+def summary_table(result: ScanResult, config: DataConfig, tokenizer) -> Table:
+    """Counts, length percentiles, trained fraction, padding and packing efficiency."""
+    table = Table(title=f"{result.task.upper()} data: first {result.scanned} records, max_length {config.max_length}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("records scanned", str(result.scanned))
+    table.add_row("kept", str(len(result.examples)))
+    for reason, n in sorted(result.dropped.items()):
+        table.add_row(f"dropped: {reason}", str(n))
+    table.add_row("bad records", str(len(result.errors)))
+    sequences = _sequences(result)
+    if sequences:
+        lengths = np.array([len(s["tokens"]) for s in sequences])
+        trained = sum(int(s["loss_mask"].sum()) for s in sequences)
+        p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
+        what = "tokens per sequence" + (" (chosen and rejected)" if result.task == "dpo" else "")
+        table.add_row(f"{what}: p50 / p90 / p99 / max", f"{p50:.0f} / {p90:.0f} / {p99:.0f} / {lengths.max()}")
+        table.add_row("trained tokens / tokens", f"{trained / lengths.sum():.3f}")
+        table.add_row("padding efficiency (one example per row)", f"{lengths.sum() / (len(lengths) * config.max_length):.3f}")
+        if result.task == "sft":
+            rows = _packed_rows(sequences, config, tokenizer)
+            label = config.packing if config.packing != "none" else "first_fit"
+            table.add_row(f"packing efficiency ({label}, {rows} rows)", f"{lengths.sum() / (rows * config.max_length):.3f}")
+    return table
+
+
+def _pieces(tokenizer, tokens) -> list[str]:
+    return [tokenizer.decode([int(t)]) for t in tokens]
+
+
+def _rich_sequence(pieces: list[str], mask) -> Text:
+    text = Text()
+    for k, (piece, trained) in enumerate(zip(pieces, mask)):
+        # Alternating shades show token boundaries; green = trained target.
+        style = ("bold black on green" if k % 2 else "bold black on bright_green") if trained else ("grey50" if k % 2 else "grey70")
+        text.append(piece.replace("\n", "↵\n"), style=style)
+    return text
+
+
+def _show(console: Console, tokenizer, result: ScanResult, n: int) -> None:
+    for origin, example in result.examples[:n]:
+        console.rule()
+        console.print(origin, style="bold", soft_wrap=True, markup=False, highlight=False)
+        sides = {"": example} if result.task == "sft" else example
+        for side, seq in sides.items():
+            trained = int(seq["loss_mask"].sum())
+            console.print(f"[bold]{side}[/bold] {len(seq['tokens'])} tokens, {trained} trained" if side else f"{len(seq['tokens'])} tokens, {trained} trained")
+            console.print(_rich_sequence(_pieces(tokenizer, seq["tokens"]), seq["loss_mask"]))
+
+
+def _json_line(tokenizer, origin: str, example: dict, task: str) -> str:
+    def side(seq):
+        return {"tokens": seq["tokens"].tolist(), "pieces": _pieces(tokenizer, seq["tokens"]), "loss_mask": seq["loss_mask"].tolist()}
+
+    body = side(example) if task == "sft" else {k: side(example[k]) for k in ("chosen", "rejected")}
+    return json.dumps({"origin": origin, **body}, ensure_ascii=False)
+
+
+def run(config: InspectConfig) -> int:
+    data = config.data
+    if config.file is not None:
+        data = dataclasses.replace(data, train=[DatasetConfig(paths=[config.file])], eval=[], eval_fraction=0.0)
+    if config.tokenizer is not None:
+        data = dataclasses.replace(data, tokenizer=config.tokenizer)
+    tokenizer = load_tokenizer(data.tokenizer)
+    result = scan(data, task=config.task, split=config.split, limit=config.scan)
+    if config.json:
+        for origin, example in result.examples[: config.num_examples]:
+            print(_json_line(tokenizer, origin, example, result.task))
+        console = Console(stderr=True)
+    else:
+        console = Console()
+        _show(console, tokenizer, result, config.num_examples)
+    console.print(summary_table(result, data, tokenizer))
+    if result.errors:
+        shown = min(len(result.errors), config.max_errors)
+        console.print(f"[bold red]{len(result.errors)} bad records[/bold red] (first {shown}):")
+        for message in result.errors[:shown]:
+            console.print(f"  {message}", markup=False, highlight=False, soft_wrap=True)
+    return 1 if result.errors else 0
+

@@ -1,0 +1,103 @@
+"""`jaxrlhf inspect-data` through the CLI, and the shipped assets."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+from data_fixtures import TOKENIZER_DIR, read_jsonl, tokenizer, write_jsonl
+from jaxrlhf import cli
+from jaxrlhf.data import asset_path, encode_sft
+
+TOK = tokenizer()
+ROOT = asset_path("tokenizer").parent.parent.parent
+
+
+def test_inspect_data_prints_examples_and_the_table(tmp_path, capsys):
+    records = read_jsonl(asset_path("sft.jsonl"))[:20] + [{"prompt": "q", "completion": "word " * 200}]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    code = cli.main(["inspect-data", "--file", str(path), "--tokenizer", TOKENIZER_DIR, "--num_examples", "2",
+                     "--data.max_length", "96", "--data.cache_dir", str(tmp_path)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"{path} line 1" in out and f"{path} line 2" in out and f"{path} line 3" not in out
+    assert "<|im_start|>assistant" in out
+    counts = dict(re.findall(r"│ (records scanned|kept|dropped: too_long|bad records)\s*│\s*(\d+) │", out))
+    assert counts == {"records scanned": "21", "kept": "20", "dropped: too_long": "1", "bad records": "0"}
+    for row in ("p50 / p90 / p99 / max", "trained tokens / tokens", "padding efficiency", "packing efficiency"):
+        assert row in out
+
+
+def test_inspect_data_json_has_tokens_pieces_and_mask(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "d.jsonl", read_jsonl(asset_path("sft.jsonl"))[:5])
+    code = cli.main(["inspect-data", "--file", str(path), "--tokenizer", TOKENIZER_DIR, "--json", "true",
+                     "--num_examples", "3", "--data.chat_template", "llama3", "--data.cache_dir", str(tmp_path)])  # fmt: skip
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert code == 0 and len(lines) == 3
+    record = read_jsonl(path)[0]
+    reference = encode_sft(record, TOK, max_length=1024, chat_template="llama3")
+    assert lines[0]["tokens"] == reference["tokens"].tolist()
+    assert lines[0]["loss_mask"] == reference["loss_mask"].tolist()
+    assert "".join(lines[0]["pieces"]) == TOK.decode(reference["tokens"])
+    assert "kept" in captured.err  # the table goes to stderr
+
+
+def test_inspect_data_lists_bad_records_and_fails(tmp_path, capsys):
+    records = [
+        {"id": "ok", "prompt": "q", "chosen": "a", "rejected": "b"},
+        {"id": "twin", "prompt": "q", "chosen": "same", "rejected": "same"},
+        {"id": "broken", "prompt": "q", "chosen": "a"},
+    ]
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    code = cli.main(["inspect-data", "--file", str(path), "--tokenizer", TOKENIZER_DIR, "--data.cache_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "DPO data" in out
+    assert f"{path} line 2 (id 'twin'): chosen and rejected are identical" in out
+    assert f"{path} line 3 (id 'broken'), field 'rejected': missing" in out
+
+
+def test_inspect_data_is_a_listed_command(capsys):
+    assert cli.main(["--help"]) == 0
+    assert "inspect-data" in capsys.readouterr().out
+
+
+def test_assets_are_reproducible_small_and_learnable():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "make_assets.py"), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assets = asset_path("sft.jsonl").parent
+    assert sum(p.stat().st_size for p in assets.rglob("*") if p.is_file()) < 1_000_000
+    # DPO: the chosen reply follows the rule (lower case, ends with '.'), the rejected one breaks it.
+    pairs = read_jsonl(asset_path("dpo.jsonl"))
+    assert len(pairs) >= 200
+    for pair in pairs:
+        chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+        assert chosen.endswith(".") and chosen == chosen.lower() and chosen != rejected
+        assert rejected.endswith("!") or rejected.endswith(".")
+    # SFT: every answer is the task's one right answer, recomputed here.
+    numbers = "zero one two three four five six seven eight nine".split()
+    solve = {
+        "reverse": lambda w: " ".join(reversed(w)),
+        "sort": lambda w: " ".join(sorted(w)),
+        "count": lambda w: numbers[len(w)],
+        "first": lambda w: w[0],
+        "upper": lambda w: " ".join(w).upper(),
+    }
+    conversations = read_jsonl(asset_path("sft.jsonl"))
+    assert len(conversations) >= 200
+    for record in conversations:
+        turns = [m for m in record["messages"] if m["role"] != "system"]
+        for question, answer in zip(turns[::2], turns[1::2]):
+            task, words = question["content"].split(": ")
+            assert answer["content"] == solve[task](words.split())
+    # Both files encode under every template with trained tokens in every example.
+    for template in (None, "chatml_generation", "llama3"):
+        ex = encode_sft(conversations[0], TOK, max_length=256, chat_template=template)
+        assert np.sum(ex["loss_mask"]) > 0
