@@ -34,7 +34,6 @@ class Checkpointer:
         self.config = config
         options = ocp.CheckpointManagerOptions(
             max_to_keep=config.keep,
-            save_interval_steps=max(config.save_every, 1),
             enable_async_checkpointing=config.async_save,
             create=True,
         )
@@ -45,10 +44,15 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, state, data_state: dict | None, *, force: bool = False) -> bool:
+        """Save every ``save_every`` steps, or now with ``force``; a step already saved is skipped."""
+        due = force or (self.config.save_every > 0 and step % self.config.save_every == 0)
+        if not due or step in self._manager.all_steps():
+            return False
         args = {"state": ocp.args.StandardSave(state)}
         if data_state is not None:
             args["data"] = ocp.args.JsonSave(data_state)
-        return self._manager.save(step, args=ocp.args.Composite(**args), force=force)
+        # The interval is decided above; orbax's own policy would also save the very first step.
+        return self._manager.save(step, args=ocp.args.Composite(**args), force=True)
 
     def restore(self, step: int, abstract_state):
         """Restore onto the shardings of ``abstract_state``; returns ``(state, data_state or None)``."""

@@ -1,0 +1,342 @@
+"""`jaxrlhf sft` and `jaxrlhf dpo`: typed run configs and the assembly of a run.
+
+config -> distributed init -> mesh -> model (+ frozen reference) -> data
+iterators -> optimizer and train state (restored when a checkpoint exists) ->
+jitted step with in/out shardings and donation -> the shared loop -> export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxrlhf.config import dump_config, load_config
+from jaxrlhf.data import DataConfig, make_iterator
+from jaxrlhf.data.pipeline import record_datasets
+from jaxrlhf.models import load_hf, make_logprob_fn, save_hf
+from jaxrlhf.parallel.distributed import initialize_distributed
+from jaxrlhf.parallel.mesh import MeshConfig, make_mesh
+from jaxrlhf.train import steps
+from jaxrlhf.train.checkpoint import CheckpointConfig, Checkpointer, abstract_like
+from jaxrlhf.train.loop import run_loop
+from jaxrlhf.train.optim import OptimConfig, make_optimizer
+from jaxrlhf.train.prefetch import DevicePrefetcher, batch_sharding, place_batch
+from jaxrlhf.train.sinks import LoggingConfig, MetricSinks, ProgressBar
+
+
+@dataclasses.dataclass
+class ModelArgs:
+    path: str = ""
+    """Local Hugging Face model folder (config.json + safetensors)."""
+    dtype: str = "bfloat16"
+    """Compute dtype of activations and matmuls."""
+    param_dtype: str = "float32"
+    """Storage dtype of the trained parameters (the master weights)."""
+    remat: str = "none"
+    """Per-layer rematerialisation: none | full | dots_saveable."""
+    scan_layers: bool = True
+    attention_impl: str = "xla"
+    """xla | cudnn (GPU flash attention)."""
+    chunk_size: int = 0
+    """Sequence positions per LM-head chunk; 0 = automatic (about 256 MiB of logits per chunk)."""
+
+
+@dataclasses.dataclass
+class DistributedArgs:
+    coordinator_address: str | None = None
+    """host:port of process 0; leave empty on TPU pods and SLURM (auto-detected) and on one host."""
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings shared by SFT and DPO runs."""
+
+    run_dir: str = "runs/run"
+    """Checkpoints, metrics.jsonl, TensorBoard, the resolved config.yaml and the exported model go here."""
+    seed: int = 0
+    model: ModelArgs = dataclasses.field(default_factory=ModelArgs)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    distributed: DistributedArgs = dataclasses.field(default_factory=DistributedArgs)
+    max_steps: int = 0
+    """Optimizer steps; 0 = one pass over data.num_epochs (estimated from the record count)."""
+    micro_batches: int = 1
+    """Gradient accumulation: the global batch is split into this many micro-batches."""
+    eval_every: int = 0
+    """Evaluate on the held-out split every N steps (and at the end); 0 = only at the end."""
+    export: bool = True
+    """Write a Hugging Face folder to <run_dir>/hf at the end."""
+    stop_after_steps: int = 0
+    """Stop (with a checkpoint) after this many steps of this invocation; 0 = run to the end. For tests."""
+
+
+@dataclasses.dataclass
+class SftConfig(TrainConfig):
+    run_dir: str = "runs/sft"
+
+
+@dataclasses.dataclass
+class DpoArgs:
+    beta: float = 0.1
+    loss_type: list[str] = dataclasses.field(default_factory=lambda: ["sigmoid"])
+    """One or more of jaxrlhf.ops.losses.DPO_LOSSES; several are summed with loss_weights."""
+    loss_weights: list[float] | None = None
+    label_smoothing: float = 0.0
+    discopop_tau: float = 0.05
+    reference: str = "model"
+    """model: a frozen reference in the same step | none: reference-free."""
+    reference_path: str = ""
+    """Reference model folder; empty = the policy's starting point (model.path)."""
+    reference_dtype: str = "bfloat16"
+    """Storage dtype of the frozen reference parameters."""
+
+    def spec(self) -> steps.DpoLossSpec:
+        weights = None if self.loss_weights is None else tuple(self.loss_weights)
+        return steps.DpoLossSpec(
+            beta=self.beta,
+            loss_type=tuple(self.loss_type),
+            loss_weights=weights,
+            label_smoothing=self.label_smoothing,
+            discopop_tau=self.discopop_tau,
+        )
+
+
+@dataclasses.dataclass
+class DpoConfig(TrainConfig):
+    run_dir: str = "runs/dpo"
+    dpo: DpoArgs = dataclasses.field(default_factory=DpoArgs)
+
+
+def _load_model(args: ModelArgs, path: str, mesh, *, param_dtype: str):
+    if not path:
+        raise ValueError("model.path is empty: point it at a local Hugging Face model folder")
+    return load_hf(
+        path,
+        dtype=jnp.dtype(args.dtype),
+        param_dtype=jnp.dtype(param_dtype),
+        mesh=mesh,
+        remat=args.remat,
+        scan_layers=args.scan_layers,
+        attention_impl=args.attention_impl,
+    )
+
+
+def estimated_steps(config: TrainConfig) -> int:
+    """Steps of one run through ``data.num_epochs``: records * epochs / global batch (before drops)."""
+    if config.max_steps > 0:
+        return config.max_steps
+    if config.data.num_epochs is None:
+        raise ValueError("data.num_epochs is None (repeat forever): set max_steps")
+    records = sum(len(rows) for _, rows in record_datasets(config.data, "train"))
+    return max(records * config.data.num_epochs // config.data.batch_size, 1)
+
+
+def build_state(config: TrainConfig, mesh):
+    """Policy, optimizer and a fresh train state on ``mesh``: ``(graphdef, model_config, state, tx, schedule, total_steps)``."""
+    model, model_config = _load_model(config.model, config.model.path, mesh, param_dtype=config.model.param_dtype)
+    graphdef, params = nnx.split(model)
+    total_steps = estimated_steps(config)
+    tx, schedule = make_optimizer(config.optim, total_steps)
+    with jax.set_mesh(mesh):
+        opt_state = jax.jit(tx.init)(params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = steps.TrainState(
+        params=params,
+        opt_state=opt_state,
+        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        rng=jax.device_put(jax.random.PRNGKey(config.seed), replicated),
+    )
+    return graphdef, model_config, state, tx, schedule, total_steps
+
+
+class _Run:
+    """What both algorithms build the same way: mesh, policy, optimizer state, data, sinks."""
+
+    def __init__(self, config: TrainConfig, task: str):
+        d = config.distributed
+        initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
+        self.config = config
+        self.task = task
+        self.run_dir = pathlib.Path(config.run_dir)
+        self.mesh = make_mesh(config.mesh)
+        if jax.process_index() == 0:
+            dump_config(config, self.run_dir / "config.yaml")
+        self.graphdef, self.model_config, self.state, self.tx, self.schedule, self.total_steps = build_state(
+            config, self.mesh
+        )
+        self.logprob_fn = make_logprob_fn(self.graphdef, chunk_size=config.model.chunk_size or None)
+        self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+        self.train_data = make_iterator(config.data, task=task, split="train")
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.checkpoint)
+        self.start_step = 0
+        latest = self.checkpointer.latest_step
+        if config.checkpoint.resume and latest is not None:
+            self.state, data_state = self.checkpointer.restore(latest, abstract_like(self.state))
+            if data_state is not None:
+                self.train_data.set_state(data_state)
+            self.start_step = int(self.state.step)
+
+    def sharding_for(self, key: str, value: np.ndarray):
+        return batch_sharding(self.mesh, np.ndim(value))
+
+    def has_eval(self) -> bool:
+        return bool(self.config.data.eval) or self.config.data.eval_fraction > 0
+
+    def eval_batches(self):
+        """(host rows of this process, global device batch) for every eval batch."""
+        for batch in make_iterator(self.config.data, task=self.task, split="eval"):
+            yield batch, place_batch({k: v for k, v in batch.items() if k != "pair_mask"}, self.sharding_for)
+
+    def train(self, step_fn, eval_fn) -> dict:
+        config = self.config
+        sinks = MetricSinks(self.run_dir, config.logging, run_config=dataclasses.asdict(config))
+        progress = ProgressBar(self.total_steps, enabled=config.logging.progress_bar, description=self.task)
+        progress.update(self.start_step, {})
+        batches = DevicePrefetcher(self.train_data, self.sharding_for, get_state=self.train_data.get_state)
+        end = self.total_steps
+        if config.stop_after_steps > 0:
+            end = min(end, self.start_step + config.stop_after_steps)
+        try:
+            with jax.set_mesh(self.mesh):
+                self.state, reason = run_loop(
+                    state=self.state,
+                    step_fn=step_fn,
+                    batches=batches,
+                    start_step=self.start_step,
+                    total_steps=end,
+                    checkpointer=self.checkpointer,
+                    sinks=sinks,
+                    progress=progress,
+                    log_every=config.logging.log_every,
+                    eval_fn=eval_fn if self.has_eval() else None,
+                    eval_every=config.eval_every,
+                )
+        finally:
+            batches.close()
+            progress.close()
+            self.checkpointer.close()
+            sinks.close()
+        summary = {"reason": reason, "step": int(self.state.step), "data": self.train_data.stats}
+        finished = reason == "data_exhausted" or (reason == "done" and end == self.total_steps)
+        if finished and config.export:
+            summary["export"] = str(export_model(self.graphdef, self.state.params, self.model_config, self.run_dir / "hf", config))
+        if jax.process_index() == 0:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def jit_step(self, fn):
+        """jit with the state's shardings in and out, the batch sharded over data axes, the state donated."""
+        return jax.jit(fn, out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+
+
+def export_model(graphdef, params, model_config, out: pathlib.Path, config: TrainConfig) -> pathlib.Path:
+    """Write the policy as a Hugging Face folder (with the run's tokenizer) that transformers loads."""
+    save_hf(nnx.merge(graphdef, params), model_config, out, tokenizer=config.data.tokenizer or None)
+    return out
+
+
+def run_sft(config: SftConfig) -> dict:
+    run = _Run(config, "sft")
+    step = run.jit_step(
+        functools.partial(
+            steps.sft_step,
+            logprob_fn=run.logprob_fn,
+            tx=run.tx,
+            schedule=run.schedule,
+            num_micro_batches=config.micro_batches,
+        )
+    )
+    eval_sums = jax.jit(functools.partial(steps.sft_eval_sums, logprob_fn=run.logprob_fn))
+
+    def evaluate(state) -> dict[str, float]:
+        nll, tokens = 0.0, 0.0
+        for _, batch in run.eval_batches():
+            sums = jax.device_get(eval_sums(state.params, batch))
+            nll += float(sums["nll_sum"])
+            tokens += float(sums["trained_tokens"])
+        return {"loss": nll / max(tokens, 1.0), "trained_tokens": tokens}
+
+    return run.train(step, evaluate)
+
+
+def run_dpo(config: DpoConfig) -> dict:
+    run = _Run(config, "dpo")
+    spec = config.dpo.spec()
+    ref_params = None
+    if config.dpo.reference == "model":
+        reference, _ = _load_model(
+            config.model,
+            config.dpo.reference_path or config.model.path,
+            run.mesh,
+            param_dtype=config.dpo.reference_dtype,
+        )
+        _, ref_params = nnx.split(reference)
+    elif config.dpo.reference != "none":
+        raise ValueError(f"dpo.reference must be 'model' or 'none', got {config.dpo.reference!r}")
+    step = run.jit_step(
+        functools.partial(
+            steps.dpo_step,
+            logprob_fn=run.logprob_fn,
+            tx=run.tx,
+            schedule=run.schedule,
+            spec=spec,
+            num_micro_batches=config.micro_batches,
+        )
+    )
+    eval_pairs = jax.jit(functools.partial(steps.dpo_eval_pairs, logprob_fn=run.logprob_fn))
+
+    def evaluate(state) -> dict[str, float]:
+        pairs = []
+        for host_batch, batch in run.eval_batches():
+            # Every process gathers all pairs (and their padding mask) so the metrics are global.
+            out = multihost_utils.process_allgather(eval_pairs(state.params, batch, ref_params=ref_params), tiled=True)
+            pair_mask = multihost_utils.process_allgather(host_batch["pair_mask"], tiled=True)
+            pairs.append({**out, "pair_mask": pair_mask})
+        return steps.dpo_eval_metrics(pairs, spec)
+
+    return run.train(lambda state, batch: step(state, batch, ref_params=ref_params), evaluate)
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    run_dir: str = ""
+    """A run directory written by `jaxrlhf sft` or `jaxrlhf dpo`."""
+    step: int = 0
+    """Checkpoint step to export; 0 = the newest."""
+    out: str = ""
+    """Output folder; empty = <run_dir>/hf-step<N>."""
+
+
+def run_export(config: ExportConfig) -> pathlib.Path:
+    """Checkpoint of a run -> Hugging Face folder (config.json, safetensors, tokenizer, generation_config)."""
+    run_dir = pathlib.Path(config.run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise ValueError(f"{run_dir / 'config.yaml'} not found: --run_dir must be a directory written by jaxrlhf sft/dpo")
+    # DpoConfig is a superset of SftConfig, so either run's config.yaml loads into it.
+    train_config = load_config(DpoConfig, run_dir / "config.yaml")
+    mesh = make_mesh(train_config.mesh)
+    graphdef, model_config, state, _, _, _ = build_state(train_config, mesh)
+    checkpointer = Checkpointer(run_dir / "checkpoints", dataclasses.replace(train_config.checkpoint, async_save=False))
+    step = config.step or checkpointer.latest_step
+    if step is None:
+        raise ValueError(f"no checkpoint in {run_dir / 'checkpoints'}")
+    state, _ = checkpointer.restore(step, abstract_like(state))
+    checkpointer.close()
+    out = pathlib.Path(config.out) if config.out else run_dir / f"hf-step{step}"
+    export_model(graphdef, state.params, model_config, out, train_config)
+    print(f"exported step {step} of {run_dir} to {out}")
+    return out
