@@ -13,11 +13,13 @@ from collections.abc import Sequence
 
 # name -> (module, config class, run function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "demo": ("jaxrlhf.mask_demo", "DemoConfig", "run", "the loss-mask bugs other projects shipped, side by side with ours"),
+    "demo": ("jaxrlhf.train.demo", "DemoConfig", "run", "SFT then DPO of a tiny model on CPU, showing that it learned"),
+    "mask-demo": ("jaxrlhf.mask_demo", "DemoConfig", "run", "the loss-mask bugs other projects shipped, side by side with ours"),
     "sft": ("jaxrlhf.train.trainer", "SftConfig", "run_sft", "supervised fine-tuning of a Hugging Face model folder"),
     "dpo": ("jaxrlhf.train.trainer", "DpoConfig", "run_dpo", "direct preference optimisation (every TRL loss type)"),
     "export": ("jaxrlhf.train.trainer", "ExportConfig", "run_export", "a run's checkpoint -> Hugging Face folder"),
-    "inspect-data": ("jaxrlhf.data.inspect", "InspectConfig", "run", "examples token by token, trained ones highlighted, and data stats"),
+    "init-model": ("jaxrlhf.models.presets", "InitModelConfig", "run_init_model", "a random model of a preset shape as a HF folder"),
+    "inspect-data": ("jaxrlhf.data.inspect", "InspectConfig", "run", "encoded examples token by token, and data statistics"),
 }
 
 

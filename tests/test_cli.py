@@ -44,7 +44,7 @@ def test_unknown_yaml_key_names_the_file_and_field(tmp_path):
 def test_cli_reports_bad_config_without_traceback(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text("sead: 1\n")
-    assert cli.main(["demo", "--config_path", str(path)]) == 2
+    assert cli.main(["mask-demo", "--config_path", str(path)]) == 2
     assert "bad.yaml" in capsys.readouterr().err
 
 
@@ -54,7 +54,7 @@ def test_unknown_command(capsys):
 
 
 def test_demo_shows_their_counts_and_ours(capsys):
-    assert cli.main(["demo"]) == 0
+    assert cli.main(["mask-demo"]) == 0
     out = capsys.readouterr().out
     assert "trained targets: theirs 3, ours 4" in out  # OpenRLHF: ',' dropped
     assert "loss 0.6931" in out  # identical DPO pair

@@ -53,6 +53,7 @@ def run_loop(
     log_every: int = 1,
     eval_fn: Callable | None = None,
     eval_every: int = 0,
+    eval_at_start: bool = False,
     watchers: tuple[Callable, ...] = (),
 ) -> tuple[object, str]:
     """Train from ``start_step`` to ``total_steps``; returns ``(state, reason)``.
@@ -64,6 +65,8 @@ def run_loop(
     step = start_step
     data_state = None
     reason = "done"
+    if eval_fn is not None and eval_at_start and start_step == 0:
+        sinks.write(0, {f"eval/{k}": v for k, v in eval_fn(state).items()})
     last_time = time.perf_counter()
     with PreemptionFlag() as preempted:
         while step < total_steps:

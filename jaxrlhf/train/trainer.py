@@ -78,6 +78,8 @@ class TrainConfig:
     """Gradient accumulation: the global batch is split into this many micro-batches."""
     eval_every: int = 0
     """Evaluate on the held-out split every N steps (and at the end); 0 = only at the end."""
+    eval_at_start: bool = True
+    """Also evaluate before the first step, as the baseline the run is measured against."""
     export: bool = True
     """Write a Hugging Face folder to <run_dir>/hf at the end."""
     stop_after_steps: int = 0
@@ -224,6 +226,7 @@ class _Run:
                     log_every=config.logging.log_every,
                     eval_fn=eval_fn if self.has_eval() else None,
                     eval_every=config.eval_every,
+                    eval_at_start=config.eval_at_start,
                 )
         finally:
             batches.close()

@@ -1,0 +1,75 @@
+"""Named model shapes for demos, dry runs and benchmarks (random weights; real checkpoints use ``load_hf``).
+
+Shapes follow the published Hugging Face configs of the models they are named
+after; ``tiny`` is a 2-layer Qwen2-style model for CPU demos and tests whose
+vocabulary is the tokenizer's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+from jaxrlhf.models.config import ModelConfig, RopeConfig
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        model_type="qwen2", vocab_size=0, hidden_size=64, intermediate_size=192, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, tie_word_embeddings=True,
+        max_position_embeddings=2048, initializer_range=0.05, dtype="float32",
+    ),
+    "qwen2.5-0.5b": ModelConfig(
+        model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
+        num_heads=14, num_kv_heads=2, head_dim=64, qkv_bias=True, tie_word_embeddings=True,
+        rope=RopeConfig(theta=1000000.0), max_position_embeddings=32768,
+    ),
+    "qwen2.5-1.5b": ModelConfig(
+        model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
+        num_heads=12, num_kv_heads=2, head_dim=128, qkv_bias=True, tie_word_embeddings=True,
+        rope=RopeConfig(theta=1000000.0), max_position_embeddings=32768,
+    ),
+    "llama3-8b": ModelConfig(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+        num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope=RopeConfig(theta=500000.0),
+        max_position_embeddings=8192,
+    ),
+}  # fmt: skip
+
+
+def preset(name: str, *, vocab_size: int | None = None, **runtime) -> ModelConfig:
+    """The preset ``name``; ``vocab_size`` overrides its vocabulary (``tiny`` requires it), ``runtime``
+    sets how it runs (dtype, param_dtype, remat, scan_layers, attention_impl)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+    config = PRESETS[name]
+    if vocab_size is not None:
+        config = dataclasses.replace(config, vocab_size=vocab_size)
+    if config.vocab_size <= 0:
+        raise ValueError(f"preset {name!r} takes its vocabulary from the tokenizer: pass vocab_size")
+    return dataclasses.replace(config, **runtime)
+
+
+@dataclasses.dataclass
+class InitModelConfig:
+    """Settings of ``jaxrlhf init-model``."""
+
+    preset: str = "tiny"
+    """One of: tiny, qwen2.5-0.5b, qwen2.5-1.5b, llama3-8b."""
+    out: str = "runs/tiny-model"
+    """Output Hugging Face folder."""
+    tokenizer: str = ""
+    """Tokenizer folder saved with the model; empty = the tiny tokenizer shipped in jaxrlhf/assets."""
+    seed: int = 0
+
+
+def run_init_model(config: InitModelConfig) -> pathlib.Path:
+    """Write a randomly initialised model of a preset shape as a Hugging Face folder."""
+    from jaxrlhf.data import asset_path, load_tokenizer
+    from jaxrlhf.models import init_model, save_hf
+
+    tokenizer_path = config.tokenizer or str(asset_path("tokenizer"))
+    vocab = len(load_tokenizer(tokenizer_path)) if config.preset == "tiny" else None
+    model_config = preset(config.preset, vocab_size=vocab)
+    save_hf(init_model(model_config, seed=config.seed), model_config, config.out, tokenizer=tokenizer_path)
+    print(f"wrote a random {config.preset} model to {config.out}")
+    return pathlib.Path(config.out)
