@@ -101,3 +101,29 @@ def test_assets_are_reproducible_small_and_learnable():
     for template in (None, "chatml_generation", "llama3"):
         ex = encode_sft(conversations[0], TOK, max_length=256, chat_template=template)
         assert np.sum(ex["loss_mask"]) > 0
+
+
+def test_inspect_data_reads_a_yaml_run_config(tmp_path, capsys):
+    sft = write_jsonl(tmp_path / "sft.jsonl", read_jsonl(asset_path("sft.jsonl"))[:10])
+    extra = write_jsonl(tmp_path / "extra.jsonl", [{"conversation": [{"role": "user", "content": "hi"},
+                                                                    {"role": "assistant", "content": "yo"}]}])  # fmt: skip
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"data:\n  tokenizer: {TOKENIZER_DIR}\n  max_length: 128\n  cache_dir: {tmp_path}\n  train:\n"
+        f"    - paths: ['{tmp_path}/sft*.jsonl']\n      weight: 3\n"
+        f"    - paths: ['{extra}']\n      columns: {{messages: conversation}}\n"
+    )
+    assert cli.main(["inspect-data", "--config_path", str(config), "--num_examples", "0"]) == 0
+    assert re.search(r"│ kept\s*│\s*11 │", capsys.readouterr().out)
+
+
+def test_data_config_round_trips_through_yaml(tmp_path):
+    from jaxrlhf.config import dump_config, load_config
+    from jaxrlhf.data import Columns, DataConfig, DatasetConfig
+
+    config = DataConfig(
+        tokenizer="tok", train=[DatasetConfig(paths=["a/*.jsonl"], weight=2.0, columns=Columns(prompt="question"))],
+        eval_fraction=0.05, packing="best_fit", max_prompt_length=64, num_epochs=None, on_identical_pairs="drop",
+    )  # fmt: skip
+    dump_config(config, tmp_path / "data.yaml")
+    assert load_config(DataConfig, tmp_path / "data.yaml") == config

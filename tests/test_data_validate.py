@@ -121,6 +121,19 @@ def test_template_ignoring_the_generation_prompt_fails():
         encode_sft({"messages": [USER, ASSISTANT]}, TOK, max_length=64, chat_template=template)
 
 
+def test_template_whose_user_turn_ends_with_the_assistant_header():
+    # Mistral / Llama-2 style: "[INST] q [/INST]" opens the reply; add_generation_prompt adds nothing.
+    template = (
+        "{% for m in messages %}{% if m.role == 'user' %}{{ '[INST] ' + m.content + ' [/INST]' }}"
+        "{% else %}{{ m.content + '</s>' }}{% endif %}{% endfor %}"
+    )
+    messages = [USER, ASSISTANT, {"role": "user", "content": "again"}, {"role": "assistant", "content": "bye"}]
+    ex = encode_sft({"messages": messages}, TOK, max_length=128, chat_template=template)
+    assert TOK.decode(ex["tokens"]) == "[INST] hi [/INST]hello</s>[INST] again [/INST]bye</s>"
+    runs = [TOK.decode(ex["tokens"][i]) for i in np.flatnonzero(ex["loss_mask"])]
+    assert "".join(runs) == "hello</s>bye</s>"
+
+
 def test_template_without_end_of_turn_marker_warns():
     template = (
         "{% for m in messages %}{{ m.role + ':\\n' + m.content + '\\n' }}{% endfor %}"

@@ -11,7 +11,6 @@ from jaxrlhf.data.assets import asset_path
 from jaxrlhf.data.config import Columns, DataConfig, DatasetConfig
 from jaxrlhf.data.encode import encode_dpo, encode_sft
 from jaxrlhf.data.errors import DROP_REASONS, DataError, ExampleDropped, Origin
-from jaxrlhf.data.pipeline import DataIterator, make_iterator
 from jaxrlhf.data.tokenizer import load_tokenizer
 
 __all__ = [
@@ -29,3 +28,12 @@ __all__ = [
     "Origin",
     "asset_path",
 ]
+
+
+def __getattr__(name):
+    # The pipeline needs grain; configs and encoders do not, so they import on machines without it.
+    if name in ("make_iterator", "DataIterator"):
+        from jaxrlhf.data import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'jaxrlhf.data' has no attribute {name!r}")

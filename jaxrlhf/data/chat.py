@@ -5,7 +5,8 @@ template, so they are right for templates with ``{% generation %}`` markers and
 for the (more common) ones without. For each trained assistant turn ``i``:
 
 - ``render(messages[:i], add_generation_prompt=True)`` ends where the model
-  starts generating: the span starts there (after the role header);
+  starts generating: the span starts there (after the role header, which the
+  template must render as the generation prompt);
 - ``render(messages[:i + 1])`` ends after the turn's end-of-turn marker and its
   trailing whitespace: the span ends after the marker (the whitespace that
   separates turns, e.g. the ``\\n`` after ``<|im_end|>``, is not trained);
@@ -121,15 +122,20 @@ def render_chat(tokenizer, chat: Chat, *, template: str, label: str = "default",
             start = len(header)
         else:
             generation = render(tokenizer, messages[:i], add_generation_prompt=True, **kw)
-            if generation == render(tokenizer, messages[:i], **kw):
-                raise DataError(
-                    origin,
-                    f"chat template {label} ignores add_generation_prompt, so an assistant turn's role header"
-                    " cannot be told apart from its reply; use a template that renders the generation prompt",
-                )
             if not header.startswith(generation):
                 raise _not_prefix_stable(
                     origin, label, i, f"the generation prompt before message {i}", generation, header
+                )
+            # Text between the generation prompt and the reply is generated too (e.g. an empty
+            # <think></think>), unless the template simply ignores add_generation_prompt: then it is
+            # the role header. (Templates whose user turn ends with the header, like Mistral's
+            # "[/INST]", need no generation prompt.)
+            if header != generation and generation == render(tokenizer, messages[:i], **kw):
+                raise DataError(
+                    origin,
+                    f"chat template {label} ignores add_generation_prompt, so the assistant header"
+                    f" {header[len(generation):]!r} cannot be told apart from the reply; use a template that"
+                    " renders the generation prompt",
                 )
             start = len(generation)
         turn = through.rstrip()

@@ -96,7 +96,8 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0
     num_epochs: int | None = 1
-    """Passes over the data; None = repeat forever (then the trainer stops by step count)."""
+    """Passes over the data (a mixture's pass: as many records as its datasets hold, drawn by weight);
+    None = repeat forever (the trainer stops by step count)."""
 
     worker_count: int = 0
     """Processes that read and tokenize (grain mp_prefetch); 0 = in the main process."""

@@ -129,7 +129,9 @@ def _messages(
         messages.append({"role": role, "content": content, **extras})
         trainable.append(replies and role == "assistant" and weight == 1)
         if trainable[-1] and not content.strip() and not tool_calls:
-            raise DataError(origin, "empty completion: an assistant turn with no text", field=f"{where}.{columns.content}")
+            raise DataError(
+                origin, "empty completion: an assistant turn with no text", field=f"{where}.{columns.content}"
+            )
     return tuple(messages), tuple(trainable)
 
 
@@ -182,7 +184,9 @@ def parse_sft(record: dict, *, columns: Columns | None = None, fmt: str = "auto"
         if not isinstance(value, (str, list, tuple)):
             raise DataError(origin, f"expected a string or a list of messages, got {type(value).__name__}", field=name)
     if isinstance(prompt, str) and isinstance(completion, str):
-        return Plain(_string(prompt, columns.prompt, origin, allow_empty=True), _string(completion, columns.completion, origin))
+        return Plain(
+            _string(prompt, columns.prompt, origin, allow_empty=True), _string(completion, columns.completion, origin)
+        )
     if isinstance(prompt, (list, tuple)) and isinstance(completion, (list, tuple)):
         prompt_messages, _ = _messages(prompt, columns.prompt, origin, columns, replies=False)
         completion_messages, trainable = _messages(completion, columns.completion, origin, columns)

@@ -2,14 +2,15 @@
 
     jaxrlhf inspect-data --file data.jsonl --tokenizer path/to/tokenizer
     jaxrlhf inspect-data --config_path run.yaml --num_examples 5
-    jaxrlhf inspect-data --file data.jsonl --tokenizer tok --json true > examples.jsonl
+    jaxrlhf inspect-data --file data.jsonl --tokenizer tok --json true > out.jsonl
 
 Prints the first ``num_examples`` examples with trained tokens highlighted, then
 a table: records scanned, kept, dropped by reason, bad records (the first
-``max_errors`` with their file/line and message, e.g. identical DPO pairs), length percentiles, the fraction of trained tokens, and padding /
-packing efficiency (real tokens per row slot). ``--json true`` writes one JSON
-object per example (``tokens``, ``pieces``, ``loss_mask``) to stdout and the
-table to stderr. Exit status 1 when some records are bad.
+``max_errors`` listed with file, line and message, e.g. identical DPO pairs),
+length percentiles, the fraction of trained tokens, and padding / packing
+efficiency (real tokens per row slot). ``--json true`` writes one JSON object
+per example (``tokens``, ``pieces``, ``loss_mask``) to stdout and the table to
+stderr. Exit status 1 when some records are bad.
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ def scan(config: DataConfig, *, task: str = "auto", split: str = "train", limit:
             result.scanned += 1
             try:
                 row = rows[i]
-                example = encode(row.data, tokenizer, origin=row.origin, columns=dataset.columns, fmt=dataset.format, **options)
+                example = encode(
+                    row.data, tokenizer, origin=row.origin, columns=dataset.columns, fmt=dataset.format, **options
+                )
             except ExampleDropped as e:
                 result.dropped[e.reason] = result.dropped.get(e.reason, 0) + 1
             except DataError as e:
@@ -136,11 +139,13 @@ def summary_table(result: ScanResult, config: DataConfig, tokenizer) -> Table:
         what = "tokens per sequence" + (" (chosen and rejected)" if result.task == "dpo" else "")
         table.add_row(f"{what}: p50 / p90 / p99 / max", f"{p50:.0f} / {p90:.0f} / {p99:.0f} / {lengths.max()}")
         table.add_row("trained tokens / tokens", f"{trained / lengths.sum():.3f}")
-        table.add_row("padding efficiency (one example per row)", f"{lengths.sum() / (len(lengths) * config.max_length):.3f}")
+        padded = lengths.sum() / (len(lengths) * config.max_length)
+        table.add_row("padding efficiency (one example per row)", f"{padded:.3f}")
         if result.task == "sft":
             rows = _packed_rows(sequences, config, tokenizer)
             label = config.packing if config.packing != "none" else "first_fit"
-            table.add_row(f"packing efficiency ({label}, {rows} rows)", f"{lengths.sum() / (rows * config.max_length):.3f}")
+            packed = lengths.sum() / (rows * config.max_length)
+            table.add_row(f"packing efficiency ({label}, {rows} rows)", f"{packed:.3f}")
     return table
 
 
@@ -152,7 +157,10 @@ def _rich_sequence(pieces: list[str], mask) -> Text:
     text = Text()
     for k, (piece, trained) in enumerate(zip(pieces, mask)):
         # Alternating shades show token boundaries; green = trained target.
-        style = ("bold black on green" if k % 2 else "bold black on bright_green") if trained else ("grey50" if k % 2 else "grey70")
+        if trained:
+            style = "bold black on green" if k % 2 else "bold black on bright_green"
+        else:
+            style = "grey50" if k % 2 else "grey70"
         text.append(piece.replace("\n", "↵\n"), style=style)
     return text
 
@@ -164,13 +172,14 @@ def _show(console: Console, tokenizer, result: ScanResult, n: int) -> None:
         sides = {"": example} if result.task == "sft" else example
         for side, seq in sides.items():
             trained = int(seq["loss_mask"].sum())
-            console.print(f"[bold]{side}[/bold] {len(seq['tokens'])} tokens, {trained} trained" if side else f"{len(seq['tokens'])} tokens, {trained} trained")
+            console.print(f"[bold]{side}[/bold] " * bool(side) + f"{len(seq['tokens'])} tokens, {trained} trained")
             console.print(_rich_sequence(_pieces(tokenizer, seq["tokens"]), seq["loss_mask"]))
 
 
 def _json_line(tokenizer, origin: str, example: dict, task: str) -> str:
     def side(seq):
-        return {"tokens": seq["tokens"].tolist(), "pieces": _pieces(tokenizer, seq["tokens"]), "loss_mask": seq["loss_mask"].tolist()}
+        tokens = seq["tokens"].tolist()
+        return {"tokens": tokens, "pieces": _pieces(tokenizer, tokens), "loss_mask": seq["loss_mask"].tolist()}
 
     body = side(example) if task == "sft" else {k: side(example[k]) for k in ("chosen", "rejected")}
     return json.dumps({"origin": origin, **body}, ensure_ascii=False)

@@ -42,6 +42,7 @@ from jaxrlhf.data.tokenizer import load_tokenizer, pad_id
 __all__ = ["DataIterator", "make_iterator", "record_datasets", "encode_options", "pad_row", "pack_rows"]
 
 _FILLER = {"filler": 1}  # eval elements that even out the processes' slices
+_SIDES = ("chosen", "rejected")  # index 0 and 1 of the pair axis
 
 
 def encode_options(config: DataConfig, task: str) -> dict:
@@ -216,7 +217,7 @@ class _PadSFT:
 
 class _PadDPO(_PadSFT):
     def __call__(self, pair):
-        rows = [pad_row(pair[k]["tokens"], pair[k]["loss_mask"], self._max_length, self._pad) for k in ("chosen", "rejected")]
+        rows = [pad_row(pair[k]["tokens"], pair[k]["loss_mask"], self._max_length, self._pad) for k in _SIDES]
         out = {key: np.stack([rows[0][key], rows[1][key]]) for key in rows[0]}
         if "pair_mask" in pair:
             out["pair_mask"] = np.int32(pair["pair_mask"])
@@ -241,7 +242,10 @@ class _RenamePacked:
 
 def pack_rows(ds: grain.IterDataset, *, packing: str, max_length: int, bins: int, seed: int, shuffle: bool, pad: int):
     """Encoded SFT examples -> packed rows with ``segment_ids``/``positions``, by grain's first/best-fit packers."""
-    packer = {"first_fit": grain.experimental.FirstFitPackIterDataset, "best_fit": grain.experimental.BestFitPackIterDataset}
+    packer = {
+        "first_fit": grain.experimental.FirstFitPackIterDataset,
+        "best_fit": grain.experimental.BestFitPackIterDataset,
+    }
     if packing not in packer:
         raise ValueError(f"unknown packing {packing!r}; expected 'none', 'first_fit' or 'best_fit'")
     packed = packer[packing](
@@ -352,7 +356,8 @@ def make_iterator(
         if config.num_epochs is not None:
             ds = ds[: total * config.num_epochs]
     else:
-        ds = grain.MapDataset.concatenate([rows.map(_Encode(task, config.tokenizer, options, d)) for d, rows in datasets])
+        encoded = [rows.map(_Encode(task, config.tokenizer, options, d)) for d, rows in datasets]
+        ds = grain.MapDataset.concatenate(encoded)
         per_process = math.ceil(len(ds) / shard.shard_count)
         ds = _process_slice(ds, shard, even=False)
         if len(ds) < per_process:

@@ -53,7 +53,9 @@ def check_example(example: dict, *, max_length: int, origin=None) -> None:
     """An encoded example: 1-D int32 tokens/loss_mask of one length <= max_length, trained tokens, mask[0] == 0."""
     tokens, mask = example["tokens"], example["loss_mask"]
     if tokens.ndim != 1 or tokens.shape != mask.shape or tokens.dtype != np.int32 or mask.dtype != np.int32:
-        raise ValueError(f"{origin}: malformed example: tokens {tokens.shape} {tokens.dtype}, loss_mask {mask.shape} {mask.dtype}")
+        raise ValueError(
+            f"{origin}: malformed example: tokens {tokens.shape} {tokens.dtype}, loss_mask {mask.shape} {mask.dtype}"
+        )
     if not 0 < len(tokens) <= max_length:
         raise ValueError(f"{origin}: example of {len(tokens)} tokens does not fit max_length={max_length}")
     if mask[0] != 0 or not np.isin(mask, (0, 1)).all() or not mask.any():
