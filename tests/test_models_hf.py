@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 from flax import nnx
-from model_fixtures import HF_VARIANTS, VOCAB, HFZoo, make_chat_tokenizer, reference_token_logprobs
+from model_fixtures import HF_VARIANTS, VOCAB, HFZoo, make_chat_tokenizer, reference_token_logprobs, tiny_config
 
-from jaxrlhf.models import load_hf, save_hf, token_logprobs
+from jaxrlhf.models import init_model, load_hf, save_hf, token_logprobs
 from jaxrlhf.parallel import MeshConfig, make_mesh
 
 _ZOO: HFZoo | None = None
@@ -208,3 +208,25 @@ def test_pickled_checkpoints_are_refused(zoo, tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
     with pytest.raises(FileNotFoundError, match="never loaded"):
         load_hf(tmp_path)
+
+
+def test_random_model_exports_with_a_tokenizer_folder(tmp_path):
+    """init_model -> save_hf (tokenizer given as a folder) -> transformers gives our logits."""
+    import torch
+    import transformers
+
+    tokenizer_folder = tmp_path / "tokenizer"
+    make_chat_tokenizer().save_pretrained(tokenizer_folder)
+    config = tiny_config(model_type="qwen3", qk_norm=True, eos_token_id=(3,))
+    model = init_model(config, seed=7)
+    save_hf(model, config, tmp_path / "out", tokenizer=tokenizer_folder)
+
+    tokens = np.random.default_rng(3).integers(0, config.vocab_size, (2, 10)).astype(np.int32)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    with torch.no_grad():
+        reference = reloaded(torch.as_tensor(tokens, dtype=torch.long)).logits.double().numpy()
+    logits, _ = _run(model, tokens)
+    np.testing.assert_array_less(np.abs(logits - reference).max(), 1e-4)
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert generation["eos_token_id"] == [3, tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]

@@ -89,7 +89,8 @@ def test_sharded_loss_and_gradients_equal_single_device(single_device, mesh_shap
     mesh = make_mesh(MeshConfig(*mesh_shape))
     config = dataclasses.replace(CONFIG, scan_layers=scan_layers, remat=remat)
     model = init_model(config, seed=3, mesh=mesh)
-    chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(model)), reference_params)  # the RNG does not depend on the sharding
+    # The initial values do not depend on the sharding (partitionable RNG).
+    chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(model)), reference_params)
 
     expected = _expected_specs(tensor_splits_kv=mesh_shape[2] <= 2)
     for path, variable in nnx.to_flat_state(nnx.state(model)):

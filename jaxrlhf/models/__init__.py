@@ -65,7 +65,8 @@ def token_logprobs(
     hidden = model(tokens, positions=positions, segment_ids=segment_ids)
     if chunk_size is None:
         chunk_size = default_chunk_size(tokens.shape[0], model.config.vocab_size)
-    return chunked_token_logprobs(hidden, model.lm_head_matrix(), tokens, chunk_size=chunk_size, segment_ids=segment_ids)
+    lm_head = model.lm_head_matrix()
+    return chunked_token_logprobs(hidden, lm_head, tokens, chunk_size=chunk_size, segment_ids=segment_ids)
 
 
 def make_logprob_fn(graphdef: nnx.GraphDef, *, chunk_size: int | None = None):

@@ -187,7 +187,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         # is_causal is implied by the mask; passing it lets cuDNN skip the upper triangle.
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=self.config.attention_impl)
+        impl = self.config.attention_impl
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=impl)
         out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(x.dtype))
         return out if self.o_bias is None else out + self.o_bias[...].astype(x.dtype)
 
@@ -232,7 +233,7 @@ class Block(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    """Token embedding, ``num_layers`` stacked ``Block``s, final RMSNorm; the LM head is separate (``lm_head_matrix``)."""
+    """Token embedding, ``num_layers`` stacked ``Block``s, final RMSNorm; LM head via ``lm_head_matrix()``."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -259,7 +260,7 @@ class Decoder(nnx.Module):
             segment_ids = jnp.ones_like(tokens)
         if positions is None:
             positions = segment_positions(segment_ids)
-        x = jnp.take(self.embed[...].astype(config.dtype), tokens, axis=0)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(config.dtype)  # cast rows, not the whole table
         x = constrain(x, _ACTIVATION_AXES)
         cos, sin = _rope_tables(positions, config)
         mask = _segment_mask(segment_ids)
@@ -286,7 +287,9 @@ class Decoder(nnx.Module):
         return constrain(self.final_norm(x), _ACTIVATION_AXES)
 
 
-def init_model(config: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Decoder:
+def init_model(
+    config: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES
+) -> Decoder:
     """A randomly initialised ``Decoder`` (normal(initializer_range) weights, zero biases, unit norms).
 
     With a mesh, each parameter is created directly in its shards (one jit whose

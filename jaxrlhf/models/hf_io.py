@@ -199,16 +199,16 @@ def _entries(config: ModelConfig, state: nnx.State) -> list[tuple[TensorMap, nnx
     return entries
 
 
-def _hf_names(entry: TensorMap, variable: nnx.Variable) -> list[tuple[str, int | None, tuple[int, ...]]]:
-    """(HF name, layer index or None, HF shape) for every tensor behind one of our parameters."""
+def _hf_names(entry: TensorMap, variable: nnx.Variable) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF name, HF shape) of every tensor behind one of our parameters (one per layer if stacked)."""
     if entry.stacked:
         shape = entry.hf_shape(variable.shape[1:])
-        return [(entry.hf.format(i=i), i, shape) for i in range(variable.shape[0])]
-    return [(entry.hf, None, entry.hf_shape(variable.shape))]
+        return [(entry.hf.format(i=i), shape) for i in range(variable.shape[0])]
+    return [(entry.hf, entry.hf_shape(variable.shape))]
 
 
 def _check_names(entries, checkpoint: _Checkpoint, config: ModelConfig, folder: pathlib.Path) -> None:
-    expected = {name: shape for entry, v in entries for name, _, shape in _hf_names(entry, v)}
+    expected = dict(name_and_shape for entry, v in entries for name_and_shape in _hf_names(entry, v))
     available = set(checkpoint.location)
     missing = sorted(set(expected) - available)
     unexpected = sorted(
@@ -251,8 +251,11 @@ def _reader(entry: TensorMap, shape: tuple[int, ...], dtype: np.dtype, checkpoin
         if key not in cache:
             if entry.stacked:
                 layers = range(shape[0])[index[0]]
-                blocks = [entry.to_ours(checkpoint.tensor(entry.hf.format(i=i)), shape[1:])[index[1:]] for i in layers]
-                cache[key] = np.stack(blocks).astype(dtype)
+                block_shape = [len(range(size)[s]) for size, s in zip(shape, index)]
+                block = np.empty(block_shape, dtype)
+                for j, i in enumerate(layers):  # converted layer by layer straight into the block
+                    block[j] = entry.to_ours(checkpoint.tensor(entry.hf.format(i=i)), shape[1:])[index[1:]]
+                cache[key] = block
             else:
                 cache[key] = np.asarray(entry.to_ours(checkpoint.tensor(entry.hf), shape)[index], dtype=dtype)
         return cache[key]

@@ -62,8 +62,9 @@ def initialize_distributed(
     if any(value is not None for value in explicit):
         if any(value is None for value in explicit):
             raise ValueError(
-                "explicit multi-process start needs coordinator_address, num_processes and process_id together, got "
-                f"coordinator_address={coordinator_address!r}, num_processes={num_processes!r}, process_id={process_id!r}"
+                "explicit multi-process start needs coordinator_address, num_processes and process_id together, "
+                f"got coordinator_address={coordinator_address!r}, num_processes={num_processes!r}, "
+                f"process_id={process_id!r}"
             )
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
