@@ -124,10 +124,7 @@ def rule_mask(tok, ids, text: str, spans, *, skip: int = 0) -> np.ndarray:
 
 def straddles(tok, ids, text: str, spans) -> bool:
     """Whether some token's bytes cross a span edge (a BPE merge across the boundary)."""
-    edges = []
-    encoded_prefix = lambda i: len(text[:i].encode())  # noqa: E731
-    for a, b in spans:
-        edges += [encoded_prefix(a), encoded_prefix(b)]
+    edges = [len(text[:i].encode()) for span in spans for i in span]
     return any(start < e < end for start, end in byte_spans(tok, ids) for e in edges)
 
 

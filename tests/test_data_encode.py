@@ -160,11 +160,14 @@ def test_weight_zero_assistant_turn_is_context():
     assert "".join(trained_pieces(ex)) == "good<|im_end|>"
 
 
+CALL = {"name": "add", "arguments": {"a": 2, "b": 3}}
+
+
 def test_tool_calls_are_trained_tool_results_are_not():
     tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
     messages = [
         {"role": "user", "content": "add 2 and 3"},
-        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},  # noqa: E501
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": CALL}]},
         {"role": "tool", "content": "5"},
         {"role": "assistant", "content": "five"},
     ]
@@ -183,7 +186,7 @@ def test_tool_calls_are_trained_tool_results_are_not():
 @given(prompt=conversations(max_turns=2), chosen=contents(), rejected=contents())
 def test_dpo_sides_follow_the_rule_and_share_the_prompt_tokens(template, prompt, chosen, rejected):
     prompt = prompt[:-1]  # end on a user turn
-    if chosen == rejected:
+    if chosen.strip() == rejected.strip():  # Llama 3 trims replies: keep the pair distinct after trimming
         rejected += " no"
     record = {
         "prompt": prompt,

@@ -17,11 +17,15 @@ TOK = tokenizer()
 ROOT = asset_path("tokenizer").parent.parent.parent
 
 
+def inspect_data(tmp_path, path, *args) -> int:
+    common = ["--file", str(path), "--tokenizer", TOKENIZER_DIR, "--data.cache_dir", str(tmp_path)]
+    return cli.main(["inspect-data", *common, *args])
+
+
 def test_inspect_data_prints_examples_and_the_table(tmp_path, capsys):
     records = read_jsonl(asset_path("sft.jsonl"))[:20] + [{"prompt": "q", "completion": "word " * 200}]
     path = write_jsonl(tmp_path / "d.jsonl", records)
-    code = cli.main(["inspect-data", "--file", str(path), "--tokenizer", TOKENIZER_DIR, "--num_examples", "2",
-                     "--data.max_length", "96", "--data.cache_dir", str(tmp_path)])  # fmt: skip
+    code = inspect_data(tmp_path, path, "--num_examples", "2", "--data.max_length", "96")
     out = capsys.readouterr().out
     assert code == 0
     assert f"{path} line 1" in out and f"{path} line 2" in out and f"{path} line 3" not in out
@@ -34,8 +38,7 @@ def test_inspect_data_prints_examples_and_the_table(tmp_path, capsys):
 
 def test_inspect_data_json_has_tokens_pieces_and_mask(tmp_path, capsys):
     path = write_jsonl(tmp_path / "d.jsonl", read_jsonl(asset_path("sft.jsonl"))[:5])
-    code = cli.main(["inspect-data", "--file", str(path), "--tokenizer", TOKENIZER_DIR, "--json", "true",
-                     "--num_examples", "3", "--data.chat_template", "llama3", "--data.cache_dir", str(tmp_path)])  # fmt: skip
+    code = inspect_data(tmp_path, path, "--json", "true", "--num_examples", "3", "--data.chat_template", "llama3")
     captured = capsys.readouterr()
     lines = [json.loads(line) for line in captured.out.splitlines()]
     assert code == 0 and len(lines) == 3
@@ -54,7 +57,7 @@ def test_inspect_data_lists_bad_records_and_fails(tmp_path, capsys):
         {"id": "broken", "prompt": "q", "chosen": "a"},
     ]
     path = write_jsonl(tmp_path / "pairs.jsonl", records)
-    code = cli.main(["inspect-data", "--file", str(path), "--tokenizer", TOKENIZER_DIR, "--data.cache_dir", str(tmp_path)])
+    code = inspect_data(tmp_path, path)
     out = capsys.readouterr().out
     assert code == 1
     assert "DPO data" in out
@@ -105,8 +108,8 @@ def test_assets_are_reproducible_small_and_learnable():
 
 def test_inspect_data_reads_a_yaml_run_config(tmp_path, capsys):
     sft = write_jsonl(tmp_path / "sft.jsonl", read_jsonl(asset_path("sft.jsonl"))[:10])
-    extra = write_jsonl(tmp_path / "extra.jsonl", [{"conversation": [{"role": "user", "content": "hi"},
-                                                                    {"role": "assistant", "content": "yo"}]}])  # fmt: skip
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    extra = write_jsonl(tmp_path / "extra.jsonl", [{"conversation": conversation}])
     config = tmp_path / "run.yaml"
     config.write_text(
         f"data:\n  tokenizer: {TOKENIZER_DIR}\n  max_length: 128\n  cache_dir: {tmp_path}\n  train:\n"

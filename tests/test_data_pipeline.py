@@ -147,7 +147,7 @@ def test_iterator_state_goes_into_an_orbax_composite_checkpoint(tmp_path):
 
 
 def _order(config, task="sft"):
-    return [tuple(b["tokens"][i, :12].tolist()) for b in make_iterator(config, task=task) for i in range(len(b["tokens"]))]
+    return [tuple(row[:12].tolist()) for b in make_iterator(config, task=task) for row in b["tokens"]]
 
 
 def test_shuffle_is_deterministic_by_seed_and_differs_per_epoch(tmp_path):
@@ -237,8 +237,8 @@ def test_eval_keeps_every_pair_with_a_pair_mask_and_equal_batch_counts(tmp_path)
             padding = b["pair_mask"] == 0
             assert (b["segment_ids"][padding] == 0).all() and (b["loss_mask"][padding] == 0).all()
             for i in np.flatnonzero(b["pair_mask"]):
-                sides = [segments(b["tokens"][i, s : s + 1], b["loss_mask"][i, s : s + 1], b["segment_ids"][i, s : s + 1])[0] for s in (0, 1)]  # noqa: E501
-                real.append(tuple(sides))
+                pair = [b[k][i] for k in ("tokens", "loss_mask", "segment_ids")]  # each [2, T]
+                real.append(tuple(segments(*[x[s : s + 1] for x in pair])[0] for s in (0, 1)))
     assert counts[0] == counts[1] == 4  # 13 records (incl. one filler) per process, 4 per batch
     assert collections.Counter(real) == collections.Counter(expected)
     assert sum(s["kept"] for s in stats) == len(expected)

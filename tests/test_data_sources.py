@@ -13,8 +13,10 @@ from jaxrlhf.data import DataError
 from jaxrlhf.data import sources
 from jaxrlhf.data.sources import JsonlSource, expand_paths, open_source
 
-RECORDS = [{"id": i, "prompt": f"p{i} é", "completion": f"c{i} 🙂", "messages": [{"role": "user", "content": str(i)}]}
-           for i in range(23)]  # fmt: skip
+RECORDS = [
+    {"id": i, "prompt": f"p{i} é", "completion": f"c{i} 🙂", "messages": [{"role": "user", "content": str(i)}]}
+    for i in range(23)
+]
 
 
 def _all(source):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 import warnings
 
@@ -53,12 +54,12 @@ DPO_CASES = [
     ({"prompt": "q", "chosen": "a", "rejected": ["b"]}, "rejected", "both be strings or both be message lists"),
     ({"prompt": "q", "chosen": "a", "rejected": " "}, "rejected", "empty completion"),
     (
-        {"chosen": [{"role": "user", "content": "A"}, ASSISTANT], "rejected": [{"role": "user", "content": "B"}, ASSISTANT]},
+        {"chosen": [USER, ASSISTANT], "rejected": [{"role": "user", "content": "B"}, ASSISTANT]},
         "chosen",
         "chosen and rejected have different prompts",
     ),
     ({"prompt": [USER], "chosen": [USER, ASSISTANT], "rejected": [ASSISTANT]}, "chosen", "hold only the reply"),
-    ({"prompt": [USER], "chosen": [{"role": "tool", "content": "1"}], "rejected": [ASSISTANT]}, "chosen", "no assistant"),
+    ({"prompt": [USER], "chosen": [{"role": "tool", "content": "1"}], "rejected": [ASSISTANT]}, "chosen", "no assist"),
     ({"chosen": "same prefix", "rejected": "same prefix and more"}, "chosen", "empty completion"),
 ]
 
@@ -81,6 +82,16 @@ def test_identical_pairs_error_by_default_with_the_record_id():
     assert dropped.value.reason == "identical_pair"
     out = encode_dpo(record, TOK, max_length=64, on_identical_pairs="allow")
     np.testing.assert_array_equal(out["chosen"]["tokens"], out["rejected"]["tokens"])
+
+
+def test_pairs_that_differ_only_in_trimmed_whitespace_are_identical_too():
+    record = {"prompt": [USER], "chosen": [{"role": "assistant", "content": "yes"}],
+              "rejected": [{"role": "assistant", "content": "yes \n"}]}  # fmt: skip
+    with pytest.raises(DataError, match="chosen and rejected encode to the same tokens"):
+        encode_dpo(record, TOK, max_length=64, chat_template="llama3", origin=ORIGIN)
+    with pytest.raises(ExampleDropped):
+        encode_dpo(record, TOK, max_length=64, chat_template="llama3", on_identical_pairs="drop")
+    encode_dpo(record, TOK, max_length=64)  # ChatML keeps the whitespace: a real (if tiny) difference
 
 
 def test_identical_message_pairs_keep_their_reply_when_allowed():
@@ -178,8 +189,8 @@ def test_bad_record_in_a_pipeline_names_the_file_and_line(tmp_path):
 
 
 def _batch(mask_row, seg_row, pos_row):
-    arr = lambda r: np.array([r], np.int32)  # noqa: E731
-    return {"tokens": arr([5] * len(mask_row)), "loss_mask": arr(mask_row), "segment_ids": arr(seg_row), "positions": arr(pos_row)}
+    rows = {"tokens": [5] * len(mask_row), "loss_mask": mask_row, "segment_ids": seg_row, "positions": pos_row}
+    return {key: np.array([row], np.int32) for key, row in rows.items()}
 
 
 def test_batch_invariants_are_checked():
@@ -196,3 +207,12 @@ def test_batch_invariants_are_checked():
         check_batch(_batch([0, 1, 0, 1, 0], [1, 1, 2, 2, 0], [0, 1, 2, 3, 0]), task="sft", batch_size=1, max_length=5)
     with pytest.raises(ValueError, match="batch keys"):
         check_batch({**good, "extra": good["tokens"]}, task="sft", batch_size=1, max_length=5)
+
+
+def test_errors_survive_the_trip_back_from_a_worker_process():
+    # Grain's worker processes pickle exceptions; a DataError must arrive as itself, message intact.
+    error = pickle.loads(pickle.dumps(DataError(ORIGIN, "expected a string", field="completion")))
+    assert type(error) is DataError and error.field == "completion" and error.origin == ORIGIN
+    assert str(error) == "data/train.jsonl line 41, field 'completion': expected a string"
+    dropped = pickle.loads(pickle.dumps(ExampleDropped("too_long", "90 > max_length=64")))
+    assert (dropped.reason, dropped.detail) == ("too_long", "90 > max_length=64")

@@ -67,6 +67,7 @@ class DataConfig:
     chat_template: str | None = None
     """Template for chat data: None = the tokenizer's default, a name of one of its templates, or a .jinja file."""
     train: list[DatasetConfig] = dataclasses.field(default_factory=list)
+    """Training datasets (YAML list, or on the command line `[{paths: [a.jsonl], weight: 2}]`)."""
     eval: list[DatasetConfig] = dataclasses.field(default_factory=list)
     """Held-out datasets; leave empty and set eval_fraction to carve eval out of train."""
     eval_fraction: float = 0.0

@@ -28,6 +28,7 @@ is never cut. Drops raise ``ExampleDropped(reason)``; bad records ``DataError``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -90,8 +91,8 @@ def _chat(tokenizer, chat: Chat, *, template, label, train_on_eot, origin) -> _S
         tokenizer, chat, template=template, label=label, train_on_eot=train_on_eot, origin=origin
     )
     tokens, mask, ends = _tokenize(tokenizer, rendered.text, rendered.spans, add_special_tokens=False)
-    protected = lambda: chat_lib.protected_prefix(  # noqa: E731
-        tokenizer, chat, rendered.text, template=template, label=label, origin=origin
+    protected = functools.partial(
+        chat_lib.protected_prefix, tokenizer, chat, rendered.text, template=template, label=label, origin=origin
     )
     return _Sequence(tokens, mask, ends, protected)
 
@@ -102,7 +103,10 @@ def _sequence(example, tokenizer, *, chat_template, train_on_eot, origin) -> _Se
     if isinstance(example, Text):
         return _plain(tokenizer, "", example.text)
     template = chat_lib.template_text(tokenizer, chat_template)
-    label = repr(chat_template) if chat_template and len(chat_template) < 200 else "(default)"
+    if chat_template is None:
+        label = "(the tokenizer's default)"
+    else:
+        label = repr(chat_template) if len(chat_template) < 200 else "(inline template)"
     return _chat(tokenizer, example, template=template, label=label, train_on_eot=train_on_eot, origin=origin)
 
 
@@ -213,9 +217,14 @@ def encode_dpo(
     columns = columns or Columns()
     origin = record_origin(record, origin, columns)
     pair = parse_preference(record, columns=columns, fmt=fmt, origin=origin)
-    validate.check_pair(pair, on_identical_pairs, origin)
+    validate.check_pair(pair.identical, on_identical_pairs, origin)
     kw = dict(chat_template=chat_template, train_on_eot=train_on_eot, origin=origin)
     sides = [_sequence(pair.side(which), tokenizer, **kw) for which in ("chosen", "rejected")]
+    # Replies that differ only in what the template trims (whitespace) still make the same tokens.
+    same_tokens = np.array_equal(sides[0].tokens, sides[1].tokens) and np.array_equal(sides[0].mask, sides[1].mask)
+    validate.check_pair(
+        same_tokens and not pair.identical, on_identical_pairs, origin, what="encode to the same tokens"
+    )
     chosen, rejected = _fit(
         sides,
         max_length=max_length,

@@ -42,10 +42,15 @@ class DataError(ValueError):
     def __init__(self, origin: Origin | str | None, message: str, *, field: str | None = None):
         self.origin = origin
         self.field = field
+        self.message = message
         where = str(origin) if origin is not None else "record"
         if field is not None:
             where += f", field {field!r}"
         super().__init__(f"{where}: {message}")
+
+    def __reduce__(self):
+        # Worker processes send exceptions back pickled; the default would call __init__ with the text only.
+        return _rebuild_data_error, (type(self), self.origin, self.message, self.field)
 
 
 class ExampleDropped(Exception):
@@ -57,3 +62,10 @@ class ExampleDropped(Exception):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}" if detail else reason)
+
+    def __reduce__(self):
+        return type(self), (self.reason, self.detail)
+
+
+def _rebuild_data_error(cls, origin, message, field):
+    return cls(origin, message, field=field)

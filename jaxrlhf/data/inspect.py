@@ -47,6 +47,7 @@ class InspectConfig:
     task: Literal["auto", "sft", "dpo"] = "auto"
     """auto: dpo when the records have chosen/rejected fields."""
     split: Literal["train", "eval"] = "train"
+    """Which split of the data config to read (records in file order, unshuffled)."""
     num_examples: int = 3
     """Examples printed token by token."""
     scan: int | None = 1000

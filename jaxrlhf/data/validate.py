@@ -33,17 +33,17 @@ def check_truncation(policy: str) -> None:
         raise ValueError(f"unknown truncation policy {policy!r}; expected one of {', '.join(TRUNCATION_POLICIES)}")
 
 
-def check_pair(pair, policy: str, origin) -> None:
-    """Apply ``on_identical_pairs`` to a ``Pair``: raise ``DataError`` (error), ``ExampleDropped`` (drop), or pass."""
+def check_pair(identical: bool, policy: str, origin, *, what: str = "are identical") -> None:
+    """Apply ``on_identical_pairs`` to a pair: raise ``DataError`` (error), ``ExampleDropped`` (drop), or pass."""
     if policy not in IDENTICAL_PAIR_POLICIES:
         raise ValueError(f"unknown on_identical_pairs {policy!r}; expected one of {', '.join(IDENTICAL_PAIR_POLICIES)}")
-    if not pair.identical or policy == "allow":
+    if not identical or policy == "allow":
         return
     if policy == "drop":
         raise ExampleDropped("identical_pair")
     raise DataError(
         origin,
-        "chosen and rejected are identical: DPO cannot learn from this pair (its loss is stuck at ln 2 = 0.6931 with"
+        f"chosen and rejected {what}: DPO cannot learn from this pair (its loss is stuck at ln 2 = 0.6931 with"
         " zero gradient). Fix the data, or set data.on_identical_pairs=drop to skip and count such pairs"
         " (`jaxrlhf inspect-data` lists the offending records).",
     )
