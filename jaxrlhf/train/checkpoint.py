@@ -37,7 +37,8 @@ class Checkpointer:
             enable_async_checkpointing=config.async_save,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(directory.absolute(), options=options)
+        self._directory = directory.absolute()
+        self._manager = ocp.CheckpointManager(self._directory, options=options)
 
     @property
     def latest_step(self) -> int | None:
@@ -56,9 +57,8 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state):
         """Restore onto the shardings of ``abstract_state``; returns ``(state, data_state or None)``."""
-        items = self._manager.item_metadata(step)
         args = {"state": ocp.args.StandardRestore(abstract_state)}
-        if "data" in items and items["data"] is not None:
+        if (self._directory / str(step) / "data").exists():
             args["data"] = ocp.args.JsonRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         return restored["state"], restored.get("data")

@@ -10,6 +10,7 @@ checkpoint must save.
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 from collections.abc import Iterator
@@ -42,7 +43,8 @@ class DevicePrefetcher:
     def _run(self):
         try:
             for local_batch in self._iterator:
-                state = self._get_state() if self._get_state is not None else None
+                # A copy: some iterators hand out their live state dict, which moves on.
+                state = copy.deepcopy(self._get_state()) if self._get_state is not None else None
                 item = (place_batch(local_batch, self._sharding_for), state)
                 while not self._stop.is_set():
                     try:
