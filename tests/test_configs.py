@@ -1,0 +1,23 @@
+"""Every shipped config parses into its typed config (unknown or ill-typed keys would fail here)."""
+
+import pathlib
+
+import pytest
+
+from jaxrlhf.config import load_config
+from jaxrlhf.train.trainer import DpoConfig, SftConfig
+
+CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert {p.name for p in CONFIGS} >= {"demo_sft.yaml", "demo_dpo.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_parses(path):
+    config_class = DpoConfig if "dpo" in path.name else SftConfig
+    config = load_config(config_class, path)
+    assert config.model.path and config.data.train
+    if config_class is DpoConfig:
+        assert config.dpo.beta > 0
