@@ -126,6 +126,18 @@ def test_template_that_is_not_prefix_stable_fails_with_a_clear_message():
     assert "data/train.jsonl line 41" in str(info.value) and "hmm" in str(info.value)
 
 
+def test_turn_that_opens_unlike_the_generation_prompt_fails():
+    # Tool-call turns get their own header, which the generation prompt never produces.
+    template = (
+        "{% for m in messages %}{% if m.tool_calls %}{{ '<|im_start|>call\\n' }}{% else %}"
+        "{{ '<|im_start|>' + m.role + '\\n' }}{% endif %}{{ m.content + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    call = {"role": "assistant", "content": "x", "tool_calls": [{"name": "f", "arguments": {}}]}
+    with pytest.raises(DataError, match="the opening of assistant message 1 as a bare reply"):
+        encode_sft({"messages": [USER, call]}, TOK, max_length=64, chat_template=template)
+
+
 def test_template_ignoring_the_generation_prompt_fails():
     template = "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
     with pytest.raises(DataError, match="ignores add_generation_prompt"):

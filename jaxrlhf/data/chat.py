@@ -100,8 +100,9 @@ def _not_prefix_stable(origin, label: str, i: int, what: str, prefix: str, full:
     )
 
 
-def render_chat(tokenizer, chat: Chat, *, template: str, label: str = "default", train_on_eot: bool = True,
-                origin=None) -> RenderedChat:  # fmt: skip
+def render_chat(
+    tokenizer, chat: Chat, *, template: str, label: str = "default", train_on_eot: bool = True, origin=None
+) -> RenderedChat:
     """Render ``chat`` and locate each trained assistant turn: reply as rendered + end-of-turn marker.
 
     With ``train_on_eot=False`` the spans stop before the marker.
@@ -138,6 +139,10 @@ def render_chat(tokenizer, chat: Chat, *, template: str, label: str = "default",
                     " renders the generation prompt",
                 )
             start = len(generation)
+        if not through.startswith(header[:start]):
+            raise _not_prefix_stable(
+                origin, label, i, f"the opening of assistant message {i} as a bare reply", header[:start], through
+            )
         turn = through.rstrip()
         end = max(start, len(turn))
         eot = tail.rstrip()
