@@ -48,8 +48,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"jaxrlhf {name}: {e}", file=sys.stderr)
         return 2
-    result = getattr(module, run_name)(config)
+    try:
+        result = getattr(module, run_name)(config)
+    except _user_errors() as e:
+        # Bad data, a missing model folder or a diverged run: the message says what and where.
+        print(f"jaxrlhf {name}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     return result if isinstance(result, int) else 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from jaxrlhf.data.errors import DataError
+    from jaxrlhf.train.diagnostics import TrainingDiverged
+
+    return (DataError, TrainingDiverged, FileNotFoundError)
 
 
 if __name__ == "__main__":

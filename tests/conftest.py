@@ -35,3 +35,14 @@ settings.load_profile("jaxrlhf")
 
 def pytest_report_header(config):
     return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def base_model(tmp_path_factory) -> str:
+    """A tiny random Qwen2-style model with the shipped tokenizer, as a Hugging Face folder."""
+    from jaxrlhf.models.presets import InitModelConfig, run_init_model
+
+    return str(run_init_model(InitModelConfig(preset="tiny", out=str(tmp_path_factory.mktemp("base") / "tiny"))))

@@ -15,69 +15,17 @@ import pytest
 from flax import nnx
 
 from jaxrlhf.config import dump_config
-from jaxrlhf.data import DataConfig, DatasetConfig, asset_path
 from jaxrlhf.models import load_hf, make_logprob_fn
-from jaxrlhf.models.presets import InitModelConfig, run_init_model
 from jaxrlhf.parallel.mesh import MeshConfig
 from jaxrlhf.train.checkpoint import CheckpointConfig
-from jaxrlhf.train.optim import OptimConfig
-from jaxrlhf.train.sinks import LoggingConfig
-from jaxrlhf.train.trainer import DpoArgs, DpoConfig, ExportConfig, ModelArgs, SftConfig, run_dpo, run_export, run_sft
+from jaxrlhf.train.trainer import ExportConfig, run_dpo, run_export, run_sft
+from train_fixtures import dpo_config, sft_config
 
 pytestmark = pytest.mark.slow
 
 # Everything derived from the loss; timings differ between runs by nature.
 LOSS_DERIVED = ("loss", "grad_norm", "learning_rate", "trained_tokens", "tokens", "rewards/chosen",
                 "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory):
-    return str(run_init_model(InitModelConfig(preset="tiny", out=str(tmp_path_factory.mktemp("base") / "tiny"))))
-
-
-def sft_config(run_dir, base, **overrides) -> SftConfig:
-    config = SftConfig(
-        run_dir=str(run_dir),
-        model=ModelArgs(path=base, dtype="float32"),
-        data=DataConfig(
-            tokenizer=base,
-            train=[DatasetConfig(paths=[str(asset_path("sft.jsonl"))])],
-            eval_fraction=0.1,
-            max_length=96,
-            packing="first_fit",
-            batch_size=8,
-            num_epochs=None,
-        ),
-        optim=OptimConfig(learning_rate=3e-3, warmup_steps=2),
-        max_steps=6,
-        logging=LoggingConfig(progress_bar=False, tensorboard=False),
-        eval_at_start=False,
-        export=False,
-    )
-    return dataclasses.replace(config, **overrides)
-
-
-def dpo_config(run_dir, base, **overrides) -> DpoConfig:
-    config = DpoConfig(
-        run_dir=str(run_dir),
-        model=ModelArgs(path=base, dtype="float32"),
-        data=DataConfig(
-            tokenizer=base,
-            train=[DatasetConfig(paths=[str(asset_path("dpo.jsonl"))])],
-            eval_fraction=0.15,
-            max_length=48,
-            batch_size=8,
-            num_epochs=None,
-        ),
-        optim=OptimConfig(learning_rate=1e-3, warmup_steps=2),
-        dpo=DpoArgs(beta=0.1, reference_dtype="float32"),
-        max_steps=6,
-        logging=LoggingConfig(progress_bar=False, tensorboard=False),
-        eval_at_start=False,
-        export=False,
-    )
-    return dataclasses.replace(config, **overrides)
 
 
 def train_metrics(run_dir) -> dict[int, dict]:

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxrlhf.train.checkpoint import Checkpointer
 from jaxrlhf.train.prefetch import DevicePrefetcher
@@ -38,6 +40,13 @@ class PreemptionFlag:
     @property
     def is_set(self) -> bool:
         return self._event.is_set()
+
+
+def _every_process_has_data(has_batch: bool) -> bool:
+    """Processes drop and pack their own rows, so one may run out first; all must stop at the same step."""
+    if jax.process_count() == 1:
+        return has_batch
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(has_batch))))
 
 
 def run_loop(
@@ -70,11 +79,11 @@ def run_loop(
     last_time = time.perf_counter()
     with PreemptionFlag() as preempted:
         while step < total_steps:
-            try:
-                batch, data_state_after = next(batches)
-            except StopIteration:
+            item = next(batches, None)
+            if not _every_process_has_data(item is not None):
                 reason = "data_exhausted"
                 break
+            batch, data_state_after = item
             state, metrics = step_fn(state, batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             for watch in watchers:

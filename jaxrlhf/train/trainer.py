@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ from jaxrlhf.models import load_hf, make_logprob_fn, save_hf
 from jaxrlhf.parallel.distributed import initialize_distributed
 from jaxrlhf.parallel.mesh import MeshConfig, make_mesh
 from jaxrlhf.train import steps
+from jaxrlhf.train.diagnostics import DpoStallWatcher, NonFiniteWatcher, ZeroGradientWatcher
 from jaxrlhf.train.checkpoint import CheckpointConfig, Checkpointer, abstract_like
 from jaxrlhf.train.loop import run_loop
 from jaxrlhf.train.optim import OptimConfig, make_optimizer
@@ -59,6 +61,15 @@ class DistributedArgs:
 
 
 @dataclasses.dataclass
+class DiagnosticsConfig:
+    stall_patience: int = 20
+    """Explain a DPO loss stuck within stall_tolerance of ln 2 (with ~0 margins) for this many steps; 0 = off."""
+    stall_tolerance: float = 1e-3
+    zero_grad_patience: int = 3
+    """Explain a gradient norm of ~0 (< 1e-6) for this many steps; 0 = off."""
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """Settings shared by SFT and DPO runs."""
 
@@ -84,6 +95,8 @@ class TrainConfig:
     """Write a Hugging Face folder to <run_dir>/hf at the end."""
     stop_after_steps: int = 0
     """Stop (with a checkpoint) after this many steps of this invocation; 0 = run to the end. For tests."""
+    diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
+
 
 
 @dataclasses.dataclass
@@ -147,6 +160,16 @@ def estimated_steps(config: TrainConfig) -> int:
     return max(records * config.data.num_epochs // config.data.batch_size, 1)
 
 
+def _reporter(found: list[str]):
+    """Print a diagnosis where the user sees it and keep it for summary.json."""
+
+    def report(message: str) -> None:
+        found.append(message)
+        print(f"\njaxrlhf diagnosis: {message}\n", file=sys.stderr, flush=True)
+
+    return report
+
+
 def build_state(config: TrainConfig, mesh):
     """Policy, optimizer and a fresh train state on ``mesh``: ``(graphdef, model_config, state, tx, schedule, total_steps)``."""
     model, model_config = _load_model(config.model, config.model.path, mesh, param_dtype=config.model.param_dtype)
@@ -184,6 +207,7 @@ class _Run:
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         self.train_data = make_iterator(config.data, task=task, split="train")
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.checkpoint)
+        self.diagnoses: list[str] = []
         self.start_step = 0
         latest = self.checkpointer.latest_step
         if config.checkpoint.resume and latest is not None:
@@ -203,7 +227,15 @@ class _Run:
         for batch in make_iterator(self.config.data, task=self.task, split="eval"):
             yield batch, place_batch({k: v for k, v in batch.items() if k != "pair_mask"}, self.sharding_for)
 
-    def train(self, step_fn, eval_fn) -> dict:
+    def watchers(self, extra=()) -> tuple:
+        diag = self.config.diagnostics
+        found = self.diagnoses
+        watchers = [NonFiniteWatcher(lambda: self.checkpointer.latest_step)]
+        if diag.zero_grad_patience > 0:
+            watchers.append(ZeroGradientWatcher(patience=diag.zero_grad_patience, report=_reporter(found)))
+        return (*watchers, *extra)
+
+    def train(self, step_fn, eval_fn, *, watchers=()) -> dict:
         config = self.config
         sinks = MetricSinks(self.run_dir, config.logging, run_config=dataclasses.asdict(config))
         progress = ProgressBar(self.total_steps, enabled=config.logging.progress_bar, description=self.task)
@@ -227,6 +259,7 @@ class _Run:
                     eval_fn=eval_fn if self.has_eval() else None,
                     eval_every=config.eval_every,
                     eval_at_start=config.eval_at_start,
+                    watchers=self.watchers(watchers),
                 )
         finally:
             batches.close()
@@ -234,6 +267,8 @@ class _Run:
             self.checkpointer.close()
             sinks.close()
         summary = {"reason": reason, "step": int(self.state.step), "data": self.train_data.stats}
+        if self.diagnoses:
+            summary["diagnoses"] = self.diagnoses
         finished = reason == "data_exhausted" or (reason == "done" and end == self.total_steps)
         if finished and config.export:
             summary["export"] = str(export_model(self.graphdef, self.state.params, self.model_config, self.run_dir / "hf", config))
@@ -311,7 +346,15 @@ def run_dpo(config: DpoConfig) -> dict:
             pairs.append({**out, "pair_mask": pair_mask})
         return steps.dpo_eval_metrics(pairs, spec)
 
-    return run.train(lambda state, batch: step(state, batch, ref_params=ref_params), evaluate)
+    stall = DpoStallWatcher(
+        patience=config.diagnostics.stall_patience,
+        tolerance=config.diagnostics.stall_tolerance,
+        loss_types=spec.loss_type,
+        beta=spec.beta,
+        report=_reporter(run.diagnoses),
+    )
+    watchers = (stall,) if config.diagnostics.stall_patience > 0 else ()
+    return run.train(lambda state, batch: step(state, batch, ref_params=ref_params), evaluate, watchers=watchers)
 
 
 @dataclasses.dataclass
