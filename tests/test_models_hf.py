@@ -42,19 +42,21 @@ def _logits_and_logprobs(model, tokens, segment_ids, chunk_size):
 
 
 def _run(model, tokens, segment_ids=None, chunk_size=5):
-    segment_ids = np.ones_like(tokens) if segment_ids is None else segment_ids
-    logits, lp = _logits_and_logprobs(model, jnp.asarray(tokens), jnp.asarray(segment_ids), chunk_size)
+    segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
+    logits, lp = _logits_and_logprobs(model, jnp.asarray(tokens), segment_ids, chunk_size)
     return np.asarray(logits), np.asarray(lp)
 
 
 @pytest.mark.parametrize("variant", HF_VARIANTS)
 def test_logits_and_logprobs_match_transformers(zoo, tokens, variant):
     model, config = load_hf(zoo.folder(variant), dtype=jnp.float32)
-    logits, lp = _run(model, tokens)
     reference = zoo.logits(variant, tokens)
     assert reference.std() > 0.5  # the weights are large enough for the comparison to bite
-    np.testing.assert_array_less(np.abs(logits - reference).max(), 1e-4)
-    np.testing.assert_array_less(np.abs(lp - reference_token_logprobs(reference, tokens)).max(), 1e-4)
+    # Without segment ids (causal only) and with one segment per row (the segment mask path).
+    for segment_ids in (None, np.ones_like(tokens)):
+        logits, lp = _run(model, tokens, segment_ids)
+        np.testing.assert_array_less(np.abs(logits - reference).max(), 1e-4)
+        np.testing.assert_array_less(np.abs(lp - reference_token_logprobs(reference, tokens)).max(), 1e-4)
     assert lp.dtype == np.float32 and config.param_dtype == "float32"
 
 

@@ -143,10 +143,11 @@ def _segment_mask(segment_ids: jax.Array) -> jax.Array:
     return (same & causal)[:, None]
 
 
-def _window_mask(mask: jax.Array, window: jax.Array) -> jax.Array:
+def _window_mask(mask: jax.Array | None, window: jax.Array, length: int) -> jax.Array:
     """Restrict ``mask`` to keys less than ``window`` tokens back (HF: kv_idx > q_idx - sliding_window)."""
-    index = jnp.arange(mask.shape[-1])
-    return mask & ((index[:, None] - index[None, :]) < window)
+    index = jnp.arange(length)
+    within = ((index[:, None] - index[None, :]) < window)[None, None]
+    return within if mask is None else mask & within
 
 
 class Attention(nnx.Module):
@@ -179,14 +180,14 @@ class Attention(nnx.Module):
         y = jnp.einsum("btd,dhk->bthk", x, kernel[...].astype(dtype))
         return y if bias is None else y + bias[...].astype(dtype)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
         q = self._project(x, self.q_proj, self.q_bias)
         k = self._project(x, self.k_proj, self.k_bias)
         v = self._project(x, self.v_proj, self.v_bias)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        # is_causal is implied by the mask; passing it lets cuDNN skip the upper triangle.
+        # The mask (if any) is causal already; is_causal also lets cuDNN skip the upper triangle.
         impl = self.config.attention_impl
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=impl)
         out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(x.dtype))
@@ -227,7 +228,7 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config, stack=stack, rngs=rngs)
         self.mlp = MLP(config, stack=stack, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -256,18 +257,17 @@ class Decoder(nnx.Module):
     ) -> jax.Array:
         """Final hidden states ``[B, T, D]`` (after the last norm) in ``config.dtype``."""
         config = self.config
-        if segment_ids is None:
-            segment_ids = jnp.ones_like(tokens)
         if positions is None:
-            positions = segment_positions(segment_ids)
+            positions = segment_positions(jnp.ones_like(tokens) if segment_ids is None else segment_ids)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(config.dtype)  # cast rows, not the whole table
         x = constrain(x, _ACTIVATION_AXES)
         cos, sin = _rope_tables(positions, config)
-        mask = _segment_mask(segment_ids)
+        # Unpacked rows need no mask beyond is_causal, which lets cuDNN run without a dense bias.
+        mask = None if segment_ids is None else _segment_mask(segment_ids)
         graphdef, stacked = nnx.split(self.layers)
 
         def layer(x, layer_state, window):
-            layer_mask = mask if window is None else _window_mask(mask, window)
+            layer_mask = mask if window is None else _window_mask(mask, window, x.shape[1])
             y = nnx.merge(graphdef, layer_state)(x, cos, sin, layer_mask)
             return constrain(y, _ACTIVATION_AXES)
 
