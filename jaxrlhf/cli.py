@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "mask-demo": ("jaxrlhf.mask_demo", "DemoConfig", "run", "the loss-mask bugs other projects shipped, side by side with ours"),
     "sft": ("jaxrlhf.train.trainer", "SftConfig", "run_sft", "supervised fine-tuning of a Hugging Face model folder"),
     "dpo": ("jaxrlhf.train.trainer", "DpoConfig", "run_dpo", "direct preference optimisation (every TRL loss type)"),
+    "precompute-ref": ("jaxrlhf.train.trainer", "DpoConfig", "run_precompute_ref", "reference log-probs of a DPO run's pairs, stored once"),
     "export": ("jaxrlhf.train.trainer", "ExportConfig", "run_export", "a run's checkpoint -> Hugging Face folder"),
     "init-model": ("jaxrlhf.models.presets", "InitModelConfig", "run_init_model", "a random model of a preset shape as a HF folder"),
     "inspect-data": ("jaxrlhf.data.inspect", "InspectConfig", "run", "encoded examples token by token, and data statistics"),
@@ -60,8 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxrlhf.data.errors import DataError
     from jaxrlhf.train.diagnostics import TrainingDiverged
+    from jaxrlhf.train.reference import StaleReference
 
-    return (DataError, TrainingDiverged, FileNotFoundError)
+    return (DataError, TrainingDiverged, StaleReference, FileNotFoundError)
 
 
 if __name__ == "__main__":

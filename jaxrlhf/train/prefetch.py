@@ -3,7 +3,8 @@
 A background thread pulls numpy batches from the data iterator, places them on
 the mesh with ``jax.make_array_from_process_local_data`` (each process holds
 only its own rows; on one process that is the whole batch), and keeps
-``depth`` batches queued so the transfer overlaps the running step. With each
+``depth`` batches queued so the transfer overlaps the running step. An optional
+``transform`` adds host-side columns first (precomputed reference log-probs). With each
 batch it records the iterator state right after that batch, which is what a
 checkpoint must save.
 """
@@ -31,8 +32,9 @@ def place_batch(local_batch: dict, sharding_for) -> dict:
 
 
 class DevicePrefetcher:
-    def __init__(self, iterator: Iterator[dict], sharding_for, *, depth: int = 2, get_state=None):
+    def __init__(self, iterator: Iterator[dict], sharding_for, *, depth: int = 2, get_state=None, transform=None):
         self._iterator = iterator
+        self._transform = transform
         self._sharding_for = sharding_for
         self._get_state = get_state
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
@@ -45,6 +47,8 @@ class DevicePrefetcher:
             for local_batch in self._iterator:
                 # A copy: some iterators hand out their live state dict, which moves on.
                 state = copy.deepcopy(self._get_state()) if self._get_state is not None else None
+                if self._transform is not None:
+                    local_batch = self._transform(local_batch)
                 item = (place_batch(local_batch, self._sharding_for), state)
                 while not self._stop.is_set():
                     try:

@@ -31,6 +31,7 @@ from jaxrlhf.train.diagnostics import DpoStallWatcher, NonFiniteWatcher, ZeroGra
 from jaxrlhf.train.checkpoint import CheckpointConfig, Checkpointer, abstract_like
 from jaxrlhf.train.loop import run_loop
 from jaxrlhf.train.optim import OptimConfig, make_optimizer
+from jaxrlhf.train.reference import ReferenceTable, all_pairs_config, pair_keys, write_reference
 from jaxrlhf.train.prefetch import DevicePrefetcher, batch_sharding, place_batch
 from jaxrlhf.train.sinks import LoggingConfig, MetricSinks, ProgressBar
 
@@ -113,7 +114,9 @@ class DpoArgs:
     label_smoothing: float = 0.0
     discopop_tau: float = 0.05
     reference: str = "model"
-    """model: a frozen reference in the same step | none: reference-free."""
+    """model: a frozen reference in the same step | precomputed: from `jaxrlhf precompute-ref` | none: reference-free."""
+    reference_logps: str = ""
+    """Folder of precomputed reference log-probs; empty = <run_dir>/ref_logps."""
     reference_path: str = ""
     """Reference model folder; empty = the policy's starting point (model.path)."""
     reference_dtype: str = "bfloat16"
@@ -208,6 +211,7 @@ class _Run:
         self.train_data = make_iterator(config.data, task=task, split="train")
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.checkpoint)
         self.diagnoses: list[str] = []
+        self.host_transform = None
         self.start_step = 0
         latest = self.checkpointer.latest_step
         if config.checkpoint.resume and latest is not None:
@@ -222,10 +226,13 @@ class _Run:
     def has_eval(self) -> bool:
         return bool(self.config.data.eval) or self.config.data.eval_fraction > 0
 
-    def eval_batches(self):
-        """(host rows of this process, global device batch) for every eval batch."""
-        for batch in make_iterator(self.config.data, task=self.task, split="eval"):
-            yield batch, place_batch({k: v for k, v in batch.items() if k != "pair_mask"}, self.sharding_for)
+    def eval_batches(self, data=None):
+        """(host rows of this process, global device batch) for every eval batch (of ``data``, default the run's)."""
+        for batch in make_iterator(data or self.config.data, task=self.task, split="eval"):
+            device_batch = {k: v for k, v in batch.items() if k != "pair_mask"}
+            if self.host_transform is not None:
+                device_batch = self.host_transform(device_batch, pair_mask=batch.get("pair_mask"))
+            yield batch, place_batch(device_batch, self.sharding_for)
 
     def watchers(self, extra=()) -> tuple:
         diag = self.config.diagnostics
@@ -240,7 +247,9 @@ class _Run:
         sinks = MetricSinks(self.run_dir, config.logging, run_config=dataclasses.asdict(config))
         progress = ProgressBar(self.total_steps, enabled=config.logging.progress_bar, description=self.task)
         progress.update(self.start_step, {})
-        batches = DevicePrefetcher(self.train_data, self.sharding_for, get_state=self.train_data.get_state)
+        batches = DevicePrefetcher(
+            self.train_data, self.sharding_for, get_state=self.train_data.get_state, transform=self.host_transform
+        )
         end = self.total_steps
         if config.stop_after_steps > 0:
             end = min(end, self.start_step + config.stop_after_steps)
@@ -311,20 +320,37 @@ def run_sft(config: SftConfig) -> dict:
     return run.train(step, evaluate)
 
 
+def _reference_folder(config: DpoConfig) -> str:
+    return config.dpo.reference_logps or str(pathlib.Path(config.run_dir) / "ref_logps")
+
+
+def _reference_model_path(config: DpoConfig) -> str:
+    return config.dpo.reference_path or config.model.path
+
+
 def run_dpo(config: DpoConfig) -> dict:
     run = _Run(config, "dpo")
     spec = config.dpo.spec()
     ref_params = None
     if config.dpo.reference == "model":
         reference, _ = _load_model(
-            config.model,
-            config.dpo.reference_path or config.model.path,
-            run.mesh,
-            param_dtype=config.dpo.reference_dtype,
+            config.model, _reference_model_path(config), run.mesh, param_dtype=config.dpo.reference_dtype
         )
         _, ref_params = nnx.split(reference)
+    elif config.dpo.reference == "precomputed":
+        table = ReferenceTable(
+            _reference_folder(config),
+            model_path=_reference_model_path(config),
+            tokenizer_path=config.data.tokenizer,
+            data=config.data,
+        )
+
+        def add_reference(batch, pair_mask=None):
+            return {**batch, "ref_logps": table.lookup(batch, pair_mask=pair_mask)}
+
+        run.host_transform = add_reference
     elif config.dpo.reference != "none":
-        raise ValueError(f"dpo.reference must be 'model' or 'none', got {config.dpo.reference!r}")
+        raise ValueError(f"dpo.reference must be model, precomputed or none, got {config.dpo.reference!r}")
     step = run.jit_step(
         functools.partial(
             steps.dpo_step,
@@ -386,3 +412,36 @@ def run_export(config: ExportConfig) -> pathlib.Path:
     export_model(graphdef, state.params, model_config, out, train_config)
     print(f"exported step {step} of {run_dir} to {out}")
     return out
+
+
+def run_precompute_ref(config: DpoConfig) -> pathlib.Path:
+    """`jaxrlhf precompute-ref`: the reference model's log-probs of every pair, stored for `reference: precomputed`."""
+    d = config.distributed
+    initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
+    mesh = make_mesh(config.mesh)
+    model_path = _reference_model_path(config)
+    reference, _ = _load_model(config.model, model_path, mesh, param_dtype=config.dpo.reference_dtype)
+    graphdef, ref_params = nnx.split(reference)
+    logprob_fn = make_logprob_fn(graphdef, chunk_size=config.model.chunk_size or None)
+    pair_logps = jax.jit(lambda params, batch: steps.pair_logps(logprob_fn, params, batch)[0])
+    keys, logps = [], []
+    with jax.set_mesh(mesh):
+        for batch in make_iterator(all_pairs_config(config.data), task="dpo", split="eval"):
+            real = batch.pop("pair_mask").astype(bool)
+            device_batch = place_batch(batch, lambda key, value: batch_sharding(mesh, np.ndim(value)))
+            local = np.asarray(multihost_utils.process_allgather(pair_logps(ref_params, device_batch), tiled=True))
+            # This process's rows are its slice of the gathered global batch.
+            start = jax.process_index() * real.shape[0]
+            keys.append(pair_keys(batch)[real])
+            logps.append(local[start : start + real.shape[0]][real])
+    folder = pathlib.Path(_reference_folder(config))
+    write_reference(
+        folder,
+        np.concatenate(keys),
+        np.concatenate(logps),
+        model_path=model_path,
+        tokenizer_path=config.data.tokenizer,
+        data=config.data,
+    )
+    print(f"wrote reference log-probs of {sum(len(k) for k in keys)} pairs to {folder}")
+    return folder
