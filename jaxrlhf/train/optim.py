@@ -10,6 +10,8 @@ import dataclasses
 
 import jax
 import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 @dataclasses.dataclass
@@ -66,3 +68,28 @@ def make_optimizer(config: OptimConfig, total_steps: int) -> tuple[optax.Gradien
         )
     )
     return optax.chain(*parts), schedule
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, params, param_shardings, mesh):
+    """Shardings of ``tx.init(params)``: moments like their parameters, counters replicated.
+
+    Stated explicitly because the moments are created by ``zeros_like``, which
+    carries no data dependence for the partitioner to follow: left to itself it
+    replicates them, and FSDP would hold the whole optimizer state on every device.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        jax.eval_shape(tx.init, params),
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def init_opt_state(tx: optax.GradientTransformation, params, mesh):
+    """``tx.init(params)`` created directly in its shards."""
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    shardings = opt_state_shardings(tx, params, param_shardings, mesh)
+    return jax.jit(tx.init, out_shardings=shardings)(params)

@@ -23,14 +23,17 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxrlhf.config import dump_config, load_config
 from jaxrlhf.data import DataConfig, make_iterator
 from jaxrlhf.data.pipeline import record_datasets
-from jaxrlhf.models import load_hf, make_logprob_fn, save_hf
+from jaxrlhf.data import load_tokenizer
+from jaxrlhf.models import ModelConfig, config_from_hf, init_model, load_hf, make_logprob_fn, save_hf
+from jaxrlhf.models.presets import preset
 from jaxrlhf.parallel.distributed import initialize_distributed
 from jaxrlhf.parallel.mesh import MeshConfig, make_mesh
 from jaxrlhf.train import steps
+from jaxrlhf.train.dry_run import dry_run, use_fake_devices
 from jaxrlhf.train.diagnostics import DpoStallWatcher, NonFiniteWatcher, ZeroGradientWatcher
 from jaxrlhf.train.checkpoint import CheckpointConfig, Checkpointer, abstract_like
 from jaxrlhf.train.loop import run_loop
-from jaxrlhf.train.optim import OptimConfig, make_optimizer
+from jaxrlhf.train.optim import OptimConfig, init_opt_state, make_optimizer
 from jaxrlhf.train.reference import ReferenceTable, all_pairs_config, pair_keys, write_reference
 from jaxrlhf.train.prefetch import DevicePrefetcher, batch_sharding, place_batch
 from jaxrlhf.train.sinks import LoggingConfig, MetricSinks, ProgressBar
@@ -40,6 +43,8 @@ from jaxrlhf.train.sinks import LoggingConfig, MetricSinks, ProgressBar
 class ModelArgs:
     path: str = ""
     """Local Hugging Face model folder (config.json + safetensors)."""
+    preset: str = ""
+    """Instead of a folder: a preset shape with random weights (tiny, qwen2.5-0.5b, qwen2.5-1.5b, llama3-8b)."""
     dtype: str = "bfloat16"
     """Compute dtype of activations and matmuls."""
     param_dtype: str = "float32"
@@ -97,6 +102,10 @@ class TrainConfig:
     stop_after_steps: int = 0
     """Stop (with a checkpoint) after this many steps of this invocation; 0 = run to the end. For tests."""
     diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
+    dry_run: bool = False
+    """Compile the step on abstract arrays and print per-device memory; train nothing, read no data or weights."""
+    dry_run_devices: int = 0
+    """With dry_run: plan on this many fake CPU devices (a laptop planning a pod run); 0 = the real devices."""
 
 
 
@@ -139,9 +148,30 @@ class DpoConfig(TrainConfig):
     dpo: DpoArgs = dataclasses.field(default_factory=DpoArgs)
 
 
-def _load_model(args: ModelArgs, path: str, mesh, *, param_dtype: str):
+def model_config_of(args: ModelArgs, path: str, *, param_dtype: str, tokenizer: str = "") -> ModelConfig:
+    """The architecture (from the folder's config.json, or the preset) with the run's dtypes and switches."""
+    runtime = dict(
+        dtype=args.dtype,
+        param_dtype=param_dtype,
+        remat=args.remat,
+        scan_layers=args.scan_layers,
+        attention_impl=args.attention_impl,
+    )
+    if args.preset:
+        vocab = len(load_tokenizer(tokenizer)) if args.preset == "tiny" else None
+        return preset(args.preset, vocab_size=vocab, **runtime)
+    config_file = pathlib.Path(path) / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} not found: model.path must be a local Hugging Face model folder")
+    return config_from_hf(json.loads(config_file.read_text()), **runtime)
+
+
+def _load_model(args: ModelArgs, path: str, mesh, *, param_dtype: str, tokenizer: str = ""):
+    if args.preset:
+        config = model_config_of(args, path, param_dtype=param_dtype, tokenizer=tokenizer)
+        return init_model(config, mesh=mesh), config
     if not path:
-        raise ValueError("model.path is empty: point it at a local Hugging Face model folder")
+        raise ValueError("model.path is empty: point it at a local Hugging Face model folder (or set model.preset)")
     return load_hf(
         path,
         dtype=jnp.dtype(args.dtype),
@@ -175,12 +205,13 @@ def _reporter(found: list[str]):
 
 def build_state(config: TrainConfig, mesh):
     """Policy, optimizer and a fresh train state on ``mesh``: ``(graphdef, model_config, state, tx, schedule, total_steps)``."""
-    model, model_config = _load_model(config.model, config.model.path, mesh, param_dtype=config.model.param_dtype)
+    model, model_config = _load_model(
+        config.model, config.model.path, mesh, param_dtype=config.model.param_dtype, tokenizer=config.data.tokenizer
+    )
     graphdef, params = nnx.split(model)
     total_steps = estimated_steps(config)
     tx, schedule = make_optimizer(config.optim, total_steps)
-    with jax.set_mesh(mesh):
-        opt_state = jax.jit(tx.init)(params)
+    opt_state = init_opt_state(tx, params, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     state = steps.TrainState(
         params=params,
@@ -296,7 +327,19 @@ def export_model(graphdef, params, model_config, out: pathlib.Path, config: Trai
     return out
 
 
+def _dry_run(config: TrainConfig, task: str) -> dict:
+    if config.dry_run_devices > 0:
+        use_fake_devices(config.dry_run_devices)
+    if config.model.attention_impl == "cudnn" and jax.devices()[0].platform == "cpu":
+        # cuDNN kernels do not compile for CPU; XLA's attention holds the [T, T] scores, so this overestimates.
+        print("dry run on CPU devices: attention_impl cudnn -> xla (temporaries are an upper bound)")
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, attention_impl="xla"))
+    return dry_run(config, task, model_config_of=model_config_of, total_steps=config.max_steps or 1000)
+
+
 def run_sft(config: SftConfig) -> dict:
+    if config.dry_run:
+        return _dry_run(config, "sft")
     run = _Run(config, "sft")
     step = run.jit_step(
         functools.partial(
@@ -329,12 +372,18 @@ def _reference_model_path(config: DpoConfig) -> str:
 
 
 def run_dpo(config: DpoConfig) -> dict:
+    if config.dry_run:
+        return _dry_run(config, "dpo")
     run = _Run(config, "dpo")
     spec = config.dpo.spec()
     ref_params = None
     if config.dpo.reference == "model":
         reference, _ = _load_model(
-            config.model, _reference_model_path(config), run.mesh, param_dtype=config.dpo.reference_dtype
+            config.model,
+            _reference_model_path(config),
+            run.mesh,
+            param_dtype=config.dpo.reference_dtype,
+            tokenizer=config.data.tokenizer,
         )
         _, ref_params = nnx.split(reference)
     elif config.dpo.reference == "precomputed":
@@ -420,7 +469,9 @@ def run_precompute_ref(config: DpoConfig) -> pathlib.Path:
     initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
     mesh = make_mesh(config.mesh)
     model_path = _reference_model_path(config)
-    reference, _ = _load_model(config.model, model_path, mesh, param_dtype=config.dpo.reference_dtype)
+    reference, _ = _load_model(
+        config.model, model_path, mesh, param_dtype=config.dpo.reference_dtype, tokenizer=config.data.tokenizer
+    )
     graphdef, ref_params = nnx.split(reference)
     logprob_fn = make_logprob_fn(graphdef, chunk_size=config.model.chunk_size or None)
     pair_logps = jax.jit(lambda params, batch: steps.pair_logps(logprob_fn, params, batch)[0])

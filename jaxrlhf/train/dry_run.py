@@ -1,0 +1,138 @@
+"""`--dry_run true`: will this config fit? Compile the real step on abstract arrays and report bytes per device.
+
+Nothing is allocated: parameters are ``eval_shape``d on the config's mesh, the
+optimizer state's shardings come from compiling ``tx.init``, and the jitted SFT or
+DPO step (the same one training runs, donation included) is lowered and compiled
+on ``ShapeDtypeStruct`` inputs. Where the hardware is absent (a laptop planning a
+pod run), the mesh is built from fake CPU devices (``dry_run_devices``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from rich.console import Console
+from rich.table import Table
+
+from jaxrlhf.models import Decoder, make_logprob_fn
+from jaxrlhf.parallel.mesh import make_mesh
+from jaxrlhf.parallel.rules import named_shardings
+from jaxrlhf.train import steps
+from jaxrlhf.train.optim import make_optimizer, opt_state_shardings
+from jaxrlhf.train.prefetch import batch_sharding
+
+
+def use_fake_devices(count: int) -> None:
+    """Plan on ``count`` fake CPU devices; effective only before JAX first touches a backend."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
+    os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={count}"])
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def _per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded abstract arrays (the largest shard of each leaf)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _abstract_params(model_config, mesh):
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0))))
+    return graphdef, _abstract(state, named_shardings(state, mesh))
+
+
+def dry_run(config, task: str, *, model_config_of, total_steps: int) -> dict:
+    """Compile the step of ``config`` and return (and print) the per-device memory plan in bytes."""
+    mesh = make_mesh(config.mesh)
+    param_dtype = config.model.param_dtype
+    model_config = model_config_of(config.model, config.model.path, param_dtype=param_dtype, tokenizer=config.data.tokenizer)
+    graphdef, params = _abstract_params(model_config, mesh)
+    tx, schedule = make_optimizer(config.optim, total_steps)
+    opt_state = jax.eval_shape(tx.init, params)
+    opt_state = _abstract(opt_state, opt_state_shardings(tx, params, jax.tree.map(lambda x: x.sharding, params), mesh))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = steps.TrainState(
+        params=params,
+        opt_state=opt_state,
+        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
+    )
+    shape = (config.data.batch_size, config.data.max_length) if task == "sft" else (
+        config.data.batch_size, 2, config.data.max_length)  # fmt: skip
+    batch = {
+        key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, len(shape)))
+        for key in ("tokens", "loss_mask", "segment_ids", "positions")
+    }
+    logprob_fn = make_logprob_fn(graphdef, chunk_size=config.model.chunk_size or None)
+    reference_bytes = 0
+    if task == "sft":
+        step = functools.partial(
+            steps.sft_step, logprob_fn=logprob_fn, tx=tx, schedule=schedule, num_micro_batches=config.micro_batches
+        )
+        kwargs = {}
+    else:
+        ref_params = None
+        if config.dpo.reference == "model":
+            ref_config = model_config_of(
+                config.model, config.dpo.reference_path or config.model.path,
+                param_dtype=config.dpo.reference_dtype, tokenizer=config.data.tokenizer,
+            )  # fmt: skip
+            _, ref_params = _abstract_params(ref_config, mesh)
+            reference_bytes = _per_device_bytes(ref_params)
+        elif config.dpo.reference == "precomputed":
+            batch["ref_logps"] = jax.ShapeDtypeStruct(
+                shape[:2], jnp.float32, sharding=batch_sharding(mesh, 2)
+            )
+        step = functools.partial(
+            steps.dpo_step, logprob_fn=logprob_fn, tx=tx, schedule=schedule, spec=config.dpo.spec(),
+            num_micro_batches=config.micro_batches,
+        )  # fmt: skip
+        kwargs = {"ref_params": ref_params}
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    jitted = jax.jit(step, out_shardings=(state_shardings, None), donate_argnums=(0,))
+    with jax.set_mesh(mesh):
+        compiled = jitted.lower(state, batch, **kwargs).compile()
+    memory = compiled.memory_analysis()
+    report = {
+        "devices": mesh.devices.size,
+        "mesh": dict(mesh.shape),
+        "parameters": _per_device_bytes(params),
+        "optimizer": _per_device_bytes(opt_state),
+        "reference": reference_bytes,
+        "batch": _per_device_bytes(batch),
+        "temporaries": int(memory.temp_size_in_bytes),
+    }
+    report["total"] = sum(report[k] for k in ("parameters", "optimizer", "reference", "batch", "temporaries"))
+    report["parameter_count"] = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    _print(report, config, task)
+    return report
+
+
+def _print(report: dict, config, task: str) -> None:
+    gib = 2**30
+    console = Console()
+    console.print(
+        f"dry run: {task} of {config.model.preset or config.model.path} on mesh {report['mesh']} "
+        f"({jax.devices()[0].platform}), global batch {config.data.batch_size} x {config.data.max_length}, "
+        f"{config.micro_batches} micro-batch(es), {report['parameter_count'] / 1e9:.3f} B parameters"
+    )
+    table = Table(title="memory per device", title_justify="left")
+    table.add_column("per device")
+    table.add_column("GiB", justify="right")
+    for key in ("parameters", "optimizer", "reference", "batch", "temporaries", "total"):
+        table.add_row(key, f"{report[key] / gib:.3f}")
+    console.print(table)
+    console.print("temporaries: activations and workspace of the compiled step, as XLA planned them")
