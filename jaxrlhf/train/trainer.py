@@ -64,6 +64,9 @@ class DistributedArgs:
     """host:port of process 0; leave empty on TPU pods and SLURM (auto-detected) and on one host."""
     num_processes: int | None = None
     process_id: int | None = None
+    force: bool = False
+    """Start jax.distributed with JAX's own cluster detection even without an environment hint
+    (TPU VMs started with `gcloud ... --worker=all`); scripts/launch_tpu_pod.sh sets it."""
 
 
 @dataclasses.dataclass
@@ -227,7 +230,7 @@ class _Run:
 
     def __init__(self, config: TrainConfig, task: str):
         d = config.distributed
-        initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
+        initialize_distributed(d.coordinator_address, d.num_processes, d.process_id, force=d.force)
         self.config = config
         self.task = task
         self.run_dir = pathlib.Path(config.run_dir)
@@ -466,7 +469,7 @@ def run_export(config: ExportConfig) -> pathlib.Path:
 def run_precompute_ref(config: DpoConfig) -> pathlib.Path:
     """`jaxrlhf precompute-ref`: the reference model's log-probs of every pair, stored for `reference: precomputed`."""
     d = config.distributed
-    initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
+    initialize_distributed(d.coordinator_address, d.num_processes, d.process_id, force=d.force)
     mesh = make_mesh(config.mesh)
     model_path = _reference_model_path(config)
     reference, _ = _load_model(
