@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 
@@ -77,3 +78,23 @@ def test_stall_message_fires_on_identical_pairs_and_not_on_a_healthy_run(base_mo
 
     healthy = run_dpo(dpo_config(tmp_path / "healthy", base_model, max_steps=5, diagnostics=diagnostics))
     assert "diagnoses" not in healthy
+
+
+@pytest.mark.slow
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(base_model, tmp_path):
+    from jaxrlhf.train.checkpoint import CheckpointConfig
+    from jaxrlhf.train.optim import OptimConfig
+    from jaxrlhf.train.trainer import run_sft
+    from train_fixtures import sft_config
+
+    # A NaN learning rate poisons the weights at the first update: step 1's loss is finite, step 2's is not.
+    config = sft_config(
+        tmp_path / "run", base_model, max_steps=30, checkpoint=CheckpointConfig(save_every=1),
+        optim=OptimConfig(learning_rate=float("nan"), max_grad_norm=0.0),
+    )  # fmt: skip
+    with pytest.raises(TrainingDiverged, match=r"step (\d+): .*last good checkpoint \(step (\d+)\) is kept") as info:
+        run_sft(config)
+    bad, kept = map(int, re.search(r"step (\d+): .*step (\d+)\)", str(info.value)).groups())
+    assert (bad, kept) == (2, 1)
+    saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] == kept  # the diverged state was never written
