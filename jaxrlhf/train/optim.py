@@ -13,6 +13,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxrlhf.config import ConfigError
+
 
 @dataclasses.dataclass
 class OptimConfig:
@@ -46,7 +48,7 @@ def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Sched
     elif config.schedule == "constant":
         decay = optax.constant_schedule(config.learning_rate)
     else:
-        raise ValueError(f"optim.schedule must be cosine, linear or constant, got {config.schedule!r}")
+        raise ConfigError(f"optim.schedule must be cosine, linear or constant, got {config.schedule!r}")
     if warmup == 0:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, warmup), decay], [warmup])

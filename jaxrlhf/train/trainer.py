@@ -20,7 +20,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxrlhf.config import dump_config, load_config
+from jaxrlhf.config import ConfigError, dump_config, load_config
 from jaxrlhf.data import DataConfig, make_iterator
 from jaxrlhf.data.pipeline import record_datasets
 from jaxrlhf.data import load_tokenizer
@@ -174,7 +174,7 @@ def _load_model(args: ModelArgs, path: str, mesh, *, param_dtype: str, tokenizer
         config = model_config_of(args, path, param_dtype=param_dtype, tokenizer=tokenizer)
         return init_model(config, mesh=mesh), config
     if not path:
-        raise ValueError("model.path is empty: point it at a local Hugging Face model folder (or set model.preset)")
+        raise ConfigError("model.path is empty: point it at a local Hugging Face model folder (or set model.preset)")
     return load_hf(
         path,
         dtype=jnp.dtype(args.dtype),
@@ -191,7 +191,7 @@ def estimated_steps(config: TrainConfig) -> int:
     if config.max_steps > 0:
         return config.max_steps
     if config.data.num_epochs is None:
-        raise ValueError("data.num_epochs is None (repeat forever): set max_steps")
+        raise ConfigError("data.num_epochs is null (repeat forever): set max_steps")
     records = sum(len(rows) for _, rows in record_datasets(config.data, "train"))
     return max(records * config.data.num_epochs // config.data.batch_size, 1)
 
@@ -260,20 +260,19 @@ class _Run:
     def has_eval(self) -> bool:
         return bool(self.config.data.eval) or self.config.data.eval_fraction > 0
 
-    def eval_batches(self, data=None):
-        """(host rows of this process, global device batch) for every eval batch (of ``data``, default the run's)."""
-        for batch in make_iterator(data or self.config.data, task=self.task, split="eval"):
+    def eval_batches(self):
+        """(host rows of this process, global device batch) for every eval batch."""
+        for batch in make_iterator(self.config.data, task=self.task, split="eval"):
             device_batch = {k: v for k, v in batch.items() if k != "pair_mask"}
             if self.host_transform is not None:
                 device_batch = self.host_transform(device_batch, pair_mask=batch.get("pair_mask"))
             yield batch, place_batch(device_batch, self.sharding_for)
 
     def watchers(self, extra=()) -> tuple:
-        diag = self.config.diagnostics
-        found = self.diagnoses
         watchers = [NonFiniteWatcher(lambda: self.checkpointer.latest_step)]
-        if diag.zero_grad_patience > 0:
-            watchers.append(ZeroGradientWatcher(patience=diag.zero_grad_patience, report=_reporter(found)))
+        patience = self.config.diagnostics.zero_grad_patience
+        if patience > 0:
+            watchers.append(ZeroGradientWatcher(patience=patience, report=_reporter(self.diagnoses)))
         return (*watchers, *extra)
 
     def train(self, step_fn, eval_fn, *, watchers=()) -> dict:
@@ -320,7 +319,8 @@ class _Run:
         return summary
 
     def jit_step(self, fn):
-        """jit with the state's shardings in and out, the batch sharded over data axes, the state donated."""
+        """jit that donates the state and pins its output shardings to the input state's, so the donated
+        buffers are reused in place step after step (inputs arrive already sharded)."""
         return jax.jit(fn, out_shardings=(self.state_shardings, None), donate_argnums=(0,))
 
 
@@ -402,7 +402,7 @@ def run_dpo(config: DpoConfig) -> dict:
 
         run.host_transform = add_reference
     elif config.dpo.reference != "none":
-        raise ValueError(f"dpo.reference must be model, precomputed or none, got {config.dpo.reference!r}")
+        raise ConfigError(f"dpo.reference must be model, precomputed or none, got {config.dpo.reference!r}")
     step = run.jit_step(
         functools.partial(
             steps.dpo_step,
@@ -449,7 +449,7 @@ def run_export(config: ExportConfig) -> pathlib.Path:
     """Checkpoint of a run -> Hugging Face folder (config.json, safetensors, tokenizer, generation_config)."""
     run_dir = pathlib.Path(config.run_dir)
     if not (run_dir / "config.yaml").exists():
-        raise ValueError(f"{run_dir / 'config.yaml'} not found: --run_dir must be a directory written by jaxrlhf sft/dpo")
+        raise ConfigError(f"{run_dir / 'config.yaml'} not found: --run_dir must be a directory written by jaxrlhf sft/dpo")
     # DpoConfig is a superset of SftConfig, so either run's config.yaml loads into it.
     train_config = load_config(DpoConfig, run_dir / "config.yaml")
     mesh = make_mesh(train_config.mesh)
@@ -457,7 +457,7 @@ def run_export(config: ExportConfig) -> pathlib.Path:
     checkpointer = Checkpointer(run_dir / "checkpoints", dataclasses.replace(train_config.checkpoint, async_save=False))
     step = config.step or checkpointer.latest_step
     if step is None:
-        raise ValueError(f"no checkpoint in {run_dir / 'checkpoints'}")
+        raise ConfigError(f"no checkpoint in {run_dir / 'checkpoints'}")
     state, _ = checkpointer.restore(step, abstract_like(state))
     checkpointer.close()
     out = pathlib.Path(config.out) if config.out else run_dir / f"hf-step{step}"
