@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from jaxrlhf.config import dump_config
+from jaxrlhf.data import make_iterator
 from jaxrlhf.models import load_hf, make_logprob_fn
 from jaxrlhf.parallel.mesh import MeshConfig
 from jaxrlhf.train.checkpoint import CheckpointConfig
@@ -125,3 +126,15 @@ def test_sigterm_saves_and_exits_cleanly(base_model, tmp_path):
     assert summary["reason"] == "preempted"
     assert (tmp_path / "run" / "checkpoints" / str(summary["step"])).exists()
     assert 3 <= summary["step"] < 10_000
+
+
+def test_epochs_are_counted_so_the_schedule_ends_with_the_data(base_model, tmp_path):
+    config = sft_config(tmp_path / "run", base_model, max_steps=0)
+    config.data.num_epochs = 2
+    config.data.batch_size = 32
+    one_pass = sum(1 for _ in make_iterator(dataclasses.replace(config.data, num_epochs=1), task="sft", split="train"))
+    summary = run_sft(config)
+    assert summary["reason"] == "done" and summary["step"] == 2 * one_pass
+    rows = train_metrics(tmp_path / "run")
+    # Cosine decay to 0 reaches its end exactly at the last step.
+    assert rows[2 * one_pass]["learning_rate"] < 0.05 * config.optim.learning_rate

@@ -22,7 +22,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxrlhf.config import ConfigError, dump_config, load_config
 from jaxrlhf.data import DataConfig, make_iterator
-from jaxrlhf.data.pipeline import record_datasets
 from jaxrlhf.data import load_tokenizer
 from jaxrlhf.models import ModelConfig, config_from_hf, init_model, load_hf, make_logprob_fn, save_hf
 from jaxrlhf.models.presets import preset
@@ -186,14 +185,26 @@ def _load_model(args: ModelArgs, path: str, mesh, *, param_dtype: str, tokenizer
     )
 
 
-def estimated_steps(config: TrainConfig) -> int:
-    """Steps of one run through ``data.num_epochs``: records * epochs / global batch (before drops)."""
+def estimated_steps(config: TrainConfig, task: str) -> int:
+    """``max_steps``, or the optimizer steps of ``data.num_epochs`` passes, counted exactly.
+
+    Drops and packing decide how many rows a pass yields, so the count is one pass
+    over the encoded data (as TRL's up-front tokenization does); processes agree on
+    the smallest count, since all must stop together. Set max_steps to skip it.
+    """
     if config.max_steps > 0:
         return config.max_steps
     if config.data.num_epochs is None:
         raise ConfigError("data.num_epochs is null (repeat forever): set max_steps")
-    records = sum(len(rows) for _, rows in record_datasets(config.data, "train"))
-    return max(records * config.data.num_epochs // config.data.batch_size, 1)
+    if jax.process_index() == 0:
+        print("counting the steps of one pass over the data (set max_steps to skip this)", file=sys.stderr)
+    one_pass = dataclasses.replace(config.data, num_epochs=1)
+    batches = sum(1 for _ in make_iterator(one_pass, task=task, split="train"))
+    if jax.process_count() > 1:
+        batches = int(np.min(multihost_utils.process_allgather(np.asarray(batches))))
+    if batches == 0:
+        raise ConfigError("the training data yields no full batch: fewer examples than data.batch_size after drops")
+    return batches * config.data.num_epochs
 
 
 def _reporter(found: list[str]):
@@ -206,13 +217,13 @@ def _reporter(found: list[str]):
     return report
 
 
-def build_state(config: TrainConfig, mesh):
+def build_state(config: TrainConfig, mesh, task: str):
     """Policy, optimizer and a fresh train state on ``mesh``: ``(graphdef, model_config, state, tx, schedule, total_steps)``."""
     model, model_config = _load_model(
         config.model, config.model.path, mesh, param_dtype=config.model.param_dtype, tokenizer=config.data.tokenizer
     )
     graphdef, params = nnx.split(model)
-    total_steps = estimated_steps(config)
+    total_steps = estimated_steps(config, task)
     tx, schedule = make_optimizer(config.optim, total_steps)
     opt_state = init_opt_state(tx, params, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -238,7 +249,7 @@ class _Run:
         if jax.process_index() == 0:
             dump_config(config, self.run_dir / "config.yaml")
         self.graphdef, self.model_config, self.state, self.tx, self.schedule, self.total_steps = build_state(
-            config, self.mesh
+            config, self.mesh, task
         )
         self.logprob_fn = make_logprob_fn(self.graphdef, chunk_size=config.model.chunk_size or None)
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
@@ -453,7 +464,9 @@ def run_export(config: ExportConfig) -> pathlib.Path:
     # DpoConfig is a superset of SftConfig, so either run's config.yaml loads into it.
     train_config = load_config(DpoConfig, run_dir / "config.yaml")
     mesh = make_mesh(train_config.mesh)
-    graphdef, model_config, state, _, _, _ = build_state(train_config, mesh)
+    # Only the state's structure matters here, so skip counting the data.
+    train_config = dataclasses.replace(train_config, max_steps=train_config.max_steps or 1)
+    graphdef, model_config, state, _, _, _ = build_state(train_config, mesh, "sft")
     checkpointer = Checkpointer(run_dir / "checkpoints", dataclasses.replace(train_config.checkpoint, async_save=False))
     step = config.step or checkpointer.latest_step
     if step is None:
