@@ -1,0 +1,9 @@
+"""Benchmarks of the SFT and DPO train steps (``jaxrlhf bench``; results in BENCHMARKS.md).
+
+- ``flops``: model FLOPs per step (the PaLM convention) and accelerator peaks, for MFU.
+- ``measure``: timing (warm-up, median of repeats), compiled and device memory, CPU matmul peak.
+- ``jax_steps``: our jitted steps assembled as ``jaxrlhf sft|dpo`` assembles them, plus the
+  full-logits path they are compared with.
+- ``hf_torch``: the same steps in Hugging Face transformers + PyTorch, as a TRL user runs them.
+- ``run``: the ``jaxrlhf bench`` command that puts them side by side.
+"""

@@ -1,0 +1,133 @@
+"""Our jitted SFT/DPO steps assembled the way ``jaxrlhf sft|dpo`` assembles them, on random weights.
+
+Same pieces as ``jaxrlhf.train.trainer``: ``init_model`` on the mesh, AdamW from
+``make_optimizer``, the pure steps of ``jaxrlhf.train.steps``, ``jax.jit`` with
+the state's shardings in and out and the state donated, batches sharded over the
+data axes. Steps are compiled ahead of time so that XLA's memory analysis of the
+exact executable that is timed can be read.
+
+``full_logits_logprob_fn`` is the naive path the chunked LM head is measured
+against: ``hidden @ lm_head`` materialised as ``[B, T, V]`` logits, then the same
+``token_logprobs``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxrlhf.models import init_model, make_logprob_fn
+from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.ops import logprobs
+from jaxrlhf.train import steps
+from jaxrlhf.train.optim import OptimConfig, make_optimizer
+from jaxrlhf.train.prefetch import batch_sharding, place_batch
+
+
+def place(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Host batch -> global arrays with the trainer's batch sharding."""
+    return place_batch(batch, lambda key, value: batch_sharding(mesh, np.ndim(value)))
+
+
+def abstract_sft_batch(rows: int, seq_len: int, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes, dtypes and shardings of an SFT batch, for compiling a step without allocating its batch."""
+    sharding = batch_sharding(mesh, 2)
+    keys = ("tokens", "loss_mask", "segment_ids", "positions")
+    return {key: jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=sharding) for key in keys}
+
+
+def full_logits_logprob_fn(graphdef: nnx.GraphDef):
+    """The naive path: ``[B, T, V]`` logits in the compute dtype, then ``token_logprobs`` (f32 log-softmax)."""
+
+    def logprob_fn(params, tokens, positions, segment_ids):
+        model = nnx.merge(graphdef, params)
+        hidden = model(tokens, positions=positions, segment_ids=segment_ids)
+        return logprobs.token_logprobs(hidden @ model.lm_head_matrix(), tokens, segment_ids=segment_ids)
+
+    return logprob_fn
+
+
+@dataclasses.dataclass
+class Policy:
+    """A random policy, its AdamW state and what a jitted step needs to know about them."""
+
+    config: ModelConfig
+    mesh: Mesh
+    graphdef: nnx.GraphDef
+    state: steps.TrainState
+    tx: object
+    schedule: object
+
+    def logprob_fn(self, *, chunked: bool, chunk_size: int | None = None):
+        if chunked:
+            return make_logprob_fn(self.graphdef, chunk_size=chunk_size)
+        return full_logits_logprob_fn(self.graphdef)
+
+    def jit(self, fn):
+        """jit as ``trainer._Run.jit_step`` does: state shardings out, the state donated."""
+        shardings = jax.tree.map(lambda x: x.sharding, self.state)
+        return jax.jit(fn, out_shardings=(shardings, None), donate_argnums=(0,))
+
+
+def build_policy(config: ModelConfig, mesh: Mesh, *, seed: int = 0, optim: OptimConfig = OptimConfig()) -> Policy:
+    """Random parameters on ``mesh`` and a fresh AdamW state (as ``trainer.build_state``, minus the checkpoint)."""
+    graphdef, params = nnx.split(init_model(config, seed=seed, mesh=mesh))
+    tx, schedule = make_optimizer(optim, total_steps=1000)
+    with jax.set_mesh(mesh):
+        opt_state = jax.jit(tx.init)(params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = steps.TrainState(
+        params=params,
+        opt_state=opt_state,
+        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        rng=jax.device_put(jax.random.PRNGKey(seed), replicated),
+    )
+    return Policy(config, mesh, graphdef, state, tx, schedule)
+
+
+def build_reference(config: ModelConfig, mesh: Mesh, *, dtype: str, seed: int = 0):
+    """Frozen reference parameters stored in ``dtype`` (``dpo.reference_dtype``), sharded like the policy."""
+    return nnx.split(init_model(dataclasses.replace(config, param_dtype=dtype), seed=seed, mesh=mesh))[1]
+
+
+def compile_sft(policy: Policy, batch, *, chunked: bool = True, chunk_size: int | None = None):
+    """The SFT step compiled for ``batch`` (arrays or ``abstract_batch``): ``(state, batch) -> (state, metrics)``."""
+    fn = functools.partial(
+        steps.sft_step, logprob_fn=policy.logprob_fn(chunked=chunked, chunk_size=chunk_size), tx=policy.tx, schedule=policy.schedule
+    )
+    with jax.set_mesh(policy.mesh):
+        return policy.jit(fn).lower(policy.state, batch).compile()
+
+
+def compile_dpo(policy: Policy, batch, spec: steps.DpoLossSpec, ref_params=None, *, chunk_size: int | None = None):
+    """The DPO step compiled for ``batch``: ``(state, batch, ref_params) -> (state, metrics)``.
+
+    The reference is whatever the batch and ``ref_params`` say: ``batch["ref_logps"]``
+    (precomputed), else ``ref_params`` (frozen model in the step).
+    """
+
+    def fn(state, batch, ref_params):
+        logprob_fn = policy.logprob_fn(chunked=True, chunk_size=chunk_size)
+        return steps.dpo_step(
+            state, batch, logprob_fn=logprob_fn, tx=policy.tx, schedule=policy.schedule, spec=spec, ref_params=ref_params
+        )
+
+    with jax.set_mesh(policy.mesh):
+        return policy.jit(fn).lower(policy.state, batch, ref_params).compile()
+
+
+def step_caller(compiled, policy: Policy, *args):
+    """A zero-argument call running one step and advancing ``policy.state`` (the old state is donated)."""
+
+    def call():
+        with jax.set_mesh(policy.mesh):
+            policy.state, metrics = compiled(policy.state, *args)
+        return metrics
+
+    return call

@@ -1,0 +1,437 @@
+"""``jaxrlhf bench``: our jitted SFT/DPO steps side by side with the naive path and with PyTorch.
+
+    jaxrlhf bench                                                # tiny shape, every CPU comparison
+    jaxrlhf bench --preset qwen2.5-0.5b --batch 2 --seq_len 128 --measure "[sft,hf]"
+    jaxrlhf bench --preset qwen2.5-1.5b --seq_len 4096 --dtype bfloat16 --measure "[fit]"
+
+Measurements (``--measure``, any of):
+
+- ``sft``, ``dpo`` (frozen reference in the step), ``dpo_precomputed``
+  (``batch["ref_logps"]``): step time, tokens/s, MFU, compiled memory, and on a
+  GPU/TPU the allocator's peak; then DPO's cost per token relative to SFT's.
+- ``logprobs``: the SFT step with the chunked LM head against the full-logits
+  path, for each of ``--logprob_vocabs``.
+- ``hf``: the same SFT and DPO steps in transformers + PyTorch (``hf_torch``),
+  each in a fresh process, run before JAX touches the device.
+- ``fit``: the longest sequence whose SFT step fits ``--fit_budget_gib`` (default:
+  the device's allocator limit), chunked and full logits (``fit``).
+
+Every step processes ``batch x seq_len`` tokens (DPO: ``batch / 2`` pairs), so
+per-token costs compare directly. FLOPs and MFU follow ``jaxrlhf.bench.flops``;
+the peak is the data-sheet bf16 peak of the accelerator, or on CPU (and unknown
+accelerators) a matmul measured here in the compute dtype. Results print as
+tables with ratios and, with ``--out``, append one JSON line to a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import pathlib
+import platform
+
+import jax
+from rich.console import Console
+from rich.table import Table
+
+from jaxrlhf.bench import flops
+from jaxrlhf.bench.batches import dpo_batch, sft_batch
+from jaxrlhf.bench.fit import longest_fit
+from jaxrlhf.bench.hf_torch import HfJob, run_in_child
+from jaxrlhf.bench.jax_steps import (
+    Policy,
+    abstract_sft_batch,
+    build_policy,
+    build_reference,
+    compile_dpo,
+    compile_sft,
+    place,
+    step_caller,
+)
+from jaxrlhf.bench.measure import (
+    compiled_memory,
+    device_bytes_limit,
+    device_peak_bytes,
+    matmul_peak_flops,
+    time_calls,
+)
+from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.presets import preset
+from jaxrlhf.parallel.mesh import MeshConfig, make_mesh
+from jaxrlhf.train.steps import DpoLossSpec
+
+MEASUREMENTS = ("sft", "dpo", "dpo_precomputed", "logprobs", "hf", "fit")
+_TINY_VOCAB = 32768
+_MIB = 2**20
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    preset: str = "tiny"
+    """Model shape (random weights): tiny | qwen2.5-0.5b | qwen2.5-1.5b | llama3-8b."""
+    vocab_size: int = 0
+    """0 = the preset's own vocabulary (tiny has none: 32768)."""
+    batch: int = 4
+    """Sequences per step; DPO steps take batch / 2 pairs, so every step sees batch x seq_len tokens."""
+    seq_len: int = 256
+    dtype: str = "float32"
+    """Compute dtype (bfloat16 on accelerators; CPUs emulate bf16 matmuls slowly)."""
+    param_dtype: str = "float32"
+    reference_dtype: str = "float32"
+    """Storage dtype of DPO's frozen reference (the trainer's default is bfloat16)."""
+    remat: str = "none"
+    """none | full | dots_saveable; anything but none turns on gradient checkpointing in PyTorch."""
+    attention_impl: str = "xla"
+    """xla | cudnn (GPU)."""
+    chunk_size: int = 0
+    """Sequence positions per LM-head chunk; 0 = automatic (as model.chunk_size)."""
+    warmup: int = 2
+    repeats: int = 5
+    measure: list[str] = dataclasses.field(default_factory=lambda: ["sft", "dpo", "dpo_precomputed", "logprobs", "hf"])
+    """Any of: sft, dpo, dpo_precomputed, logprobs, hf, fit."""
+    logprob_vocabs: list[int] = dataclasses.field(default_factory=lambda: [32768, 128256, 151936])
+    fit_batch: int = 1
+    fit_budget_gib: float = 0.0
+    """Memory one step may use in the fit search; 0 = the device's allocator limit (GPU/TPU)."""
+    fit_granularity: int = 1024
+    fit_max_len: int = 262144
+    devices: int = 0
+    """Devices to use (FSDP over them); 0 = all."""
+    seed: int = 0
+    out: str = ""
+    """Append the results as one JSON line to this file."""
+
+
+def model_config(cfg: BenchConfig, vocab_size: int | None = None) -> ModelConfig:
+    vocab = vocab_size or cfg.vocab_size or (_TINY_VOCAB if cfg.preset == "tiny" else None)
+    return preset(
+        cfg.preset,
+        vocab_size=vocab,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        remat=cfg.remat,
+        attention_impl=cfg.attention_impl,
+    )
+
+
+class _Bench:
+    def __init__(self, cfg: BenchConfig):
+        unknown = sorted(set(cfg.measure) - set(MEASUREMENTS))
+        if unknown:
+            raise ValueError(f"unknown measurements {unknown}; known: {', '.join(MEASUREMENTS)}")
+        if cfg.batch % 2 and any(m in cfg.measure for m in ("dpo", "dpo_precomputed", "hf")):
+            raise ValueError(f"batch={cfg.batch} must be even: DPO steps take batch / 2 pairs")
+        self.cfg = cfg
+        self.config = model_config(cfg)
+        # Wide enough for the tables when the output goes to a file (rich assumes 80 columns there).
+        self.console = Console(width=160) if not Console().is_terminal else Console()
+        self.results: dict[str, dict] = {}
+        self.env: dict = {}
+
+    # -- environment -------------------------------------------------------------------------
+
+    def start_jax(self):
+        cfg = self.cfg
+        devices = jax.devices()[: cfg.devices or None]
+        self.device = devices[0]
+        self.mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), devices=devices)
+        peak = flops.peak_flops(self.device.device_kind)
+        source = "data sheet, bf16 dense"
+        if peak is None:
+            peak = matmul_peak_flops(self.device, cfg.dtype)
+            source = f"measured {cfg.dtype} 2048^3 matmul (fastest of 5)"
+        self.peak = peak * len(devices)
+        self.env.update(
+            platform=self.device.platform,
+            device_kind=self.device.device_kind,
+            devices=len(devices),
+            peak_flops_per_device=peak,
+            peak_source=source,
+            jax=jax.__version__,
+            python=platform.python_version(),
+            cpu_count=os.cpu_count(),
+            load_average_start=os.getloadavg(),
+        )
+
+    def model_flops(self, task: str, config: ModelConfig | None = None, *, seq_len: int | None = None) -> int:
+        config, b, t = config or self.config, self.cfg.batch, seq_len or self.cfg.seq_len
+        if task == "sft":
+            return flops.sft_step_flops(config, b, t)
+        return flops.dpo_step_flops(config, b // 2, t, reference=task == "dpo")
+
+    def rates(self, timing_median: float, step_flops: int) -> dict:
+        tokens = self.cfg.batch * self.cfg.seq_len
+        return {
+            "tokens_per_s": tokens / timing_median,
+            "model_flops_per_step": step_flops,
+            "tflops_per_s": step_flops / timing_median / 1e12,
+            "mfu": flops.mfu(step_flops, timing_median, self.peak),
+        }
+
+    def chunk_size(self) -> int | None:
+        return self.cfg.chunk_size or None
+
+    # -- our steps ---------------------------------------------------------------------------
+
+    def measure_ours(self, compile_step, policy: Policy, *args, step_flops: int) -> dict:
+        """Compile with ``compile_step()``, then time the step; an out-of-memory is a result, not a crash."""
+        try:
+            compiled = compile_step()
+            memory = compiled_memory(compiled)
+            timing = time_calls(step_caller(compiled, policy, *args), warmup=self.cfg.warmup, repeats=self.cfg.repeats)
+        except jax.errors.JaxRuntimeError as e:
+            return {"error": _first_line(e)}
+        return {
+            "step": timing.as_dict(),
+            **self.rates(timing.median, step_flops),
+            "memory": memory,
+            "device_peak_bytes": device_peak_bytes(self.device),
+        }
+
+    def run_steps(self):
+        cfg, wanted = self.cfg, self.cfg.measure
+        if not any(m in wanted for m in ("sft", "dpo", "dpo_precomputed")):
+            return
+        policy = build_policy(self.config, self.mesh, seed=cfg.seed)
+        vocab = self.config.vocab_size
+        if "sft" in wanted:
+            batch = place(sft_batch(cfg.batch, cfg.seq_len, vocab, seed=cfg.seed), self.mesh)
+            self.results["sft"] = self.measure_ours(
+                lambda: compile_sft(policy, batch, chunk_size=self.chunk_size()),
+                policy,
+                batch,
+                step_flops=self.model_flops("sft"),
+            )
+        spec = DpoLossSpec()
+        if "dpo" in wanted:
+            reference = build_reference(self.config, self.mesh, dtype=cfg.reference_dtype, seed=cfg.seed)
+            batch = place(dpo_batch(cfg.batch // 2, cfg.seq_len, vocab, seed=cfg.seed), self.mesh)
+            self.results["dpo"] = self.measure_ours(
+                lambda: compile_dpo(policy, batch, spec, reference, chunk_size=self.chunk_size()),
+                policy,
+                batch,
+                reference,
+                step_flops=self.model_flops("dpo"),
+            )
+            del reference
+        if "dpo_precomputed" in wanted:
+            batch = place(dpo_batch(cfg.batch // 2, cfg.seq_len, vocab, seed=cfg.seed, ref_logps=True), self.mesh)
+            self.results["dpo_precomputed"] = self.measure_ours(
+                lambda: compile_dpo(policy, batch, spec, None, chunk_size=self.chunk_size()),
+                policy,
+                batch,
+                None,
+                step_flops=self.model_flops("dpo_precomputed"),
+            )
+        del policy
+        gc.collect()
+
+    def run_logprobs(self):
+        cfg = self.cfg
+        if "logprobs" not in cfg.measure:
+            return
+        rows = {}
+        for vocab in cfg.logprob_vocabs:
+            config = model_config(cfg, vocab)
+            policy = build_policy(config, self.mesh, seed=cfg.seed)
+            batch = place(sft_batch(cfg.batch, cfg.seq_len, vocab, seed=cfg.seed), self.mesh)
+            for chunked in (False, True):
+                rows[f"{vocab}/{'chunked' if chunked else 'full'}"] = self.measure_ours(
+                    lambda: compile_sft(policy, batch, chunked=chunked, chunk_size=self.chunk_size()),
+                    policy,
+                    batch,
+                    step_flops=self.model_flops("sft", config),
+                )
+            del policy
+            gc.collect()
+        self.results["logprobs"] = rows
+
+    def run_fit(self):
+        cfg = self.cfg
+        if "fit" not in cfg.measure:
+            return
+        budget = int(cfg.fit_budget_gib * 2**30) if cfg.fit_budget_gib > 0 else device_bytes_limit(self.device)
+        if not budget:
+            raise ValueError(f"{self.device.platform} reports no memory limit: pass --fit_budget_gib")
+        policy = build_policy(self.config, self.mesh, seed=cfg.seed)
+        fit = {"budget_bytes": budget, "batch": cfg.fit_batch}
+        for chunked in (True, False):
+
+            def bytes_at(length: int) -> int:
+                shapes = abstract_sft_batch(cfg.fit_batch, length, self.mesh)
+                compiled = compile_sft(policy, shapes, chunked=chunked, chunk_size=self.chunk_size())
+                return compiled_memory(compiled)["total_bytes"]
+
+            result = longest_fit(
+                bytes_at,
+                budget,
+                start=max(cfg.seq_len // cfg.fit_granularity, 1) * cfg.fit_granularity,
+                granularity=cfg.fit_granularity,
+                maximum=cfg.fit_max_len,
+            )
+            entry = result.as_dict()
+            # memory_analysis is a prediction: run one step at the length found to confirm it.
+            entry["ran"] = self._try_step(policy, result.longest, chunked) if result.longest else None
+            fit["chunked" if chunked else "full"] = entry
+        self.results["fit"] = fit
+        del policy
+        gc.collect()
+
+    def _try_step(self, policy: Policy, length: int, chunked: bool) -> str:
+        cfg = self.cfg
+        try:
+            batch = place(sft_batch(cfg.fit_batch, length, self.config.vocab_size, seed=cfg.seed), self.mesh)
+            compiled = compile_sft(policy, batch, chunked=chunked, chunk_size=self.chunk_size())
+            jax.block_until_ready(step_caller(compiled, policy, batch)())
+            return "ok"
+        except jax.errors.JaxRuntimeError as e:  # out of memory at run time despite the prediction
+            return f"failed: {_first_line(e)}"
+
+    # -- PyTorch -----------------------------------------------------------------------------
+
+    def run_hf(self):
+        cfg = self.cfg
+        if "hf" not in cfg.measure:
+            return
+        rows = {}
+        for task in ("sft", "dpo"):
+            job = HfJob(
+                model_config=self.config,
+                task=task,
+                batch=cfg.batch,
+                seq_len=cfg.seq_len,
+                param_dtype=cfg.param_dtype,
+                compute_dtype=cfg.dtype,
+                reference_dtype=cfg.reference_dtype,
+                gradient_checkpointing=cfg.remat != "none",
+                warmup=cfg.warmup,
+                repeats=cfg.repeats,
+                seed=cfg.seed,
+            )
+            try:
+                rows[task] = run_in_child(job)
+            except RuntimeError as e:  # e.g. PyTorch out of memory at a shape ours fits
+                rows[task] = {"error": str(e)[-2000:]}
+        self.results["hf"] = rows
+
+    def finish_hf(self):
+        """MFU of the PyTorch steps, once the peak is known (they run before JAX starts)."""
+        for task, row in self.results.get("hf", {}).items():
+            if "error" not in row:
+                row.update(self.rates(row["step"]["median_s"], self.model_flops(task)))
+
+    # -- report ------------------------------------------------------------------------------
+
+    def ratios(self) -> dict:
+        r, out = self.results, {}
+        hf = r.get("hf", {})
+
+        def seconds(row):
+            return row["step"]["median_s"]
+
+        # Every step processes batch x seq_len tokens, so time ratios are per-token ratios.
+        for name in ("dpo", "dpo_precomputed"):
+            if _ok(r.get("sft")) and _ok(r.get(name)):
+                out[f"{name}_vs_sft_time_per_token"] = seconds(r[name]) / seconds(r["sft"])
+        if _ok(r.get("dpo")) and _ok(r.get("dpo_precomputed")):
+            out["dpo_frozen_vs_precomputed_time"] = seconds(r["dpo"]) / seconds(r["dpo_precomputed"])
+        for task in ("sft", "dpo"):
+            if _ok(r.get(task)) and _ok(hf.get(task)):
+                out[f"pytorch_vs_ours_{task}_time"] = seconds(hf[task]) / seconds(r[task])
+                out[f"pytorch_vs_ours_{task}_memory"] = _memory_of(hf[task]) / _memory_of(r[task])
+        logprob_rows = r.get("logprobs", {})
+        for vocab in self.cfg.logprob_vocabs:
+            full, chunked = logprob_rows.get(f"{vocab}/full"), logprob_rows.get(f"{vocab}/chunked")
+            if _ok(full) and _ok(chunked):
+                out[f"full_vs_chunked_{vocab}_temp_memory"] = full["memory"]["temp_bytes"] / chunked["memory"]["temp_bytes"]
+                out[f"full_vs_chunked_{vocab}_time"] = seconds(full) / seconds(chunked)
+        if "fit" in r and r["fit"]["full"]["longest"]:
+            out["fit_chunked_vs_full_length"] = r["fit"]["chunked"]["longest"] / r["fit"]["full"]["longest"]
+        return out
+
+    def print_report(self):
+        cfg, c = self.cfg, self.config
+        self.console.print(
+            f"[bold]{cfg.preset}[/] ({flops.matmul_params(c) / 1e6:.1f}M matmul params, vocab {c.vocab_size}), "
+            f"batch {cfg.batch} x seq {cfg.seq_len}, {cfg.dtype} compute / {cfg.param_dtype} params, remat {cfg.remat}, "
+            f"attention {cfg.attention_impl} | {self.env['device_kind']} x{self.env['devices']}, "
+            f"peak {self.env['peak_flops_per_device'] / 1e12:.2f} TFLOP/s per device ({self.env['peak_source']})"
+        )
+        table = Table(title="train steps (median of repeats; spread = (max - min) / median)")
+        for column in ("step", "ms", "spread", "tokens/s", "TFLOP/s", "MFU", "memory MiB", "temp MiB"):
+            table.add_column(column, justify="right")
+        named = [(f"ours {n}", self.results[n]) for n in ("sft", "dpo", "dpo_precomputed") if n in self.results]
+        named += [(f"pytorch {n}", row) for n, row in self.results.get("hf", {}).items()]
+        named += [(f"ours sft, vocab {k.replace('/', ', ')}", row) for k, row in self.results.get("logprobs", {}).items()]
+        for name, row in named:
+            if not _ok(row):
+                table.add_row(name, f"error: {row['error'][:100]}")
+                continue
+            temp = row.get("memory", {}).get("temp_bytes")
+            table.add_row(
+                name,
+                f"{row['step']['median_s'] * 1e3:.1f}",
+                f"{row['step']['spread']:.0%}",
+                f"{row['tokens_per_s']:,.0f}",
+                f"{row['tflops_per_s']:.3f}",
+                f"{row['mfu']:.1%}",
+                f"{_memory_of(row) / _MIB:,.0f}",
+                "" if temp is None else f"{temp / _MIB:,.0f}",
+            )
+        self.console.print(table)
+        if "fit" in self.results:
+            fit = self.results["fit"]
+            self.console.print(
+                f"longest SFT sequence in {fit['budget_bytes'] / 2**30:.2f} GiB at batch {fit['batch']}: "
+                + ", ".join(f"{p} {fit[p]['longest']} (ran: {fit[p]['ran']})" for p in ("chunked", "full"))
+            )
+        for name, value in self.ratios().items():
+            self.console.print(f"  {name}: {value:.2f}x")
+        memory = "memory: ours = " + (
+            "the device allocator's peak" if self.env["platform"] != "cpu" else "compiled arguments + outputs + temporaries"
+        )
+        kinds = {row["memory_kind"] for row in self.results.get("hf", {}).values() if _ok(row)}
+        self.console.print(memory + "".join(f"; pytorch = {kind}" for kind in kinds))
+
+    def record(self) -> dict:
+        self.env["load_average_end"] = os.getloadavg()
+        self.env["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        return {"config": dataclasses.asdict(self.cfg), "env": self.env, "results": self.results, "ratios": self.ratios()}
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:500]
+
+
+def _ok(row: dict | None) -> bool:
+    return bool(row) and "error" not in row
+
+
+def _memory_of(row: dict) -> int:
+    """Bytes a measured step needs: the device's peak where it has one, else the compiled total (ours) or RSS (PyTorch)."""
+    if row.get("device_peak_bytes"):
+        return row["device_peak_bytes"]
+    if "memory" in row:
+        return row["memory"]["total_bytes"]
+    return row["peak_bytes"]
+
+
+def run(cfg: BenchConfig) -> dict:
+    bench = _Bench(cfg)
+    bench.run_hf()  # before JAX claims the accelerator's memory
+    bench.start_jax()
+    bench.finish_hf()
+    bench.run_steps()
+    bench.run_logprobs()
+    bench.run_fit()
+    bench.print_report()
+    record = bench.record()
+    if cfg.out:
+        path = pathlib.Path(cfg.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    return record

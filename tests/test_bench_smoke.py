@@ -1,0 +1,51 @@
+"""`jaxrlhf bench` end to end at the tiny shape (a few steps; nothing here asserts a speed).
+
+Kept to four compilations: the fit search itself is tested in test_bench_fit.py,
+and the remaining measurements reuse the steps compiled here with other arguments.
+"""
+
+import json
+
+from jaxrlhf.bench import flops
+from jaxrlhf.bench.hf_torch import HfJob, run_job
+from jaxrlhf.bench.run import BenchConfig, model_config, run
+
+
+def test_bench_runs_end_to_end(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    cfg = BenchConfig(
+        vocab_size=256,
+        batch=2,
+        seq_len=16,
+        warmup=0,
+        repeats=2,
+        measure=["sft", "dpo", "fit"],
+        fit_budget_gib=1.0,
+        fit_granularity=16,
+        fit_max_len=16,
+        devices=1,
+        out=str(out),
+    )
+    record = run(cfg)
+    assert json.loads(out.read_text().splitlines()[-1]) == json.loads(json.dumps(record))
+    results = record["results"]
+    for row in (results["sft"], results["dpo"]):
+        assert len(row["step"]["samples_s"]) == 2 and row["tokens_per_s"] > 0 and 0 < row["mfu"]
+        assert row["memory"]["total_bytes"] > row["memory"]["temp_bytes"] > 0
+    config = model_config(cfg)
+    assert results["dpo"]["model_flops_per_step"] == flops.dpo_step_flops(config, 1, 16, reference=True)
+    for path in ("chunked", "full"):
+        assert results["fit"][path]["longest"] == 16 and results["fit"][path]["ran"] == "ok"
+    assert set(record["ratios"]) == {"dpo_vs_sft_time_per_token", "fit_chunked_vs_full_length"}
+
+
+def test_pytorch_steps_run():
+    config = model_config(BenchConfig(vocab_size=256))
+    for task in ("sft", "dpo"):
+        job = HfJob(config, task, batch=2, seq_len=16, param_dtype="float32", compute_dtype="float32",
+                    reference_dtype="float32", gradient_checkpointing=task == "dpo", warmup=0, repeats=2)  # fmt: skip
+        result = run_job(job)
+        assert len(result["step"]["samples_s"]) == 2 and result["device"] == "cpu"
+        # The same architecture: matmul parameters (the tied embedding is the LM head) + norms + q/k/v biases.
+        d, h, kv, q = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        assert result["params"] == flops.matmul_params(config) + config.num_layers * (2 * d + (h + 2 * kv) * q) + d
