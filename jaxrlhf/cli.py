@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "export": ("jaxrlhf.train.trainer", "ExportConfig", "run_export", "a run's checkpoint -> Hugging Face folder"),
     "init-model": ("jaxrlhf.models.presets", "InitModelConfig", "run_init_model", "a random model of a preset shape as a HF folder"),
     "inspect-data": ("jaxrlhf.data.inspect", "InspectConfig", "run", "encoded examples token by token, and data statistics"),
+    "bench": ("jaxrlhf.bench.run", "BenchConfig", "run", "step time, MFU and memory vs full logits and PyTorch (BENCHMARKS.md)"),
 }
 
 
