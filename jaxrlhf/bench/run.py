@@ -103,6 +103,8 @@ class BenchConfig:
     seed: int = 0
     out: str = ""
     """Append the results as one JSON line to this file."""
+    label: str = ""
+    """A name for this run in its JSON line (scripts/gpu_bench.sh names its stages)."""
 
 
 def model_config(cfg: BenchConfig, vocab_size: int | None = None) -> ModelConfig:
@@ -176,20 +178,35 @@ class _Bench:
 
     # -- our steps ---------------------------------------------------------------------------
 
-    def measure_ours(self, compile_step, policy: Policy, *args, step_flops: int) -> dict:
+    def measure_ours(self, name: str, compile_step, policy: Policy, *args, step_flops: int) -> dict:
         """Compile with ``compile_step()``, then time the step; an out-of-memory is a result, not a crash."""
         try:
             compiled = compile_step()
             memory = compiled_memory(compiled)
             timing = time_calls(step_caller(compiled, policy, *args), warmup=self.cfg.warmup, repeats=self.cfg.repeats)
         except jax.errors.JaxRuntimeError as e:
-            return {"error": _first_line(e)}
-        return {
+            return self.progress(name, {"error": _first_line(e)})
+        row = {
             "step": timing.as_dict(),
             **self.rates(timing.median, step_flops),
             "memory": memory,
             "device_peak_bytes": device_peak_bytes(self.device),
         }
+        return self.progress(name, row)
+
+    def progress(self, name: str, row: dict) -> dict:
+        """One line per finished measurement, so that a run cut short still shows what it measured."""
+        if not _ok(row):
+            lines = row["error"].strip().splitlines()
+            self.console.print(f"{name}: error: {lines[0]}" + (f" ... {lines[-1]}" if len(lines) > 1 else ""))
+        elif "mfu" in row:
+            self.console.print(
+                f"{name}: {row['step']['median_s'] * 1e3:.1f} ms/step (spread {row['step']['spread']:.0%}), "
+                f"{row['tokens_per_s']:,.0f} tokens/s, MFU {row['mfu']:.1%}, {_memory_of(row) / _MIB:,.0f} MiB"
+            )
+        else:
+            self.console.print(f"{name}: {row['step']['median_s'] * 1e3:.1f} ms/step, {_memory_of(row) / _MIB:,.0f} MiB")
+        return row
 
     def run_steps(self):
         cfg, wanted = self.cfg, self.cfg.measure
@@ -200,6 +217,7 @@ class _Bench:
         if "sft" in wanted:
             batch = place(sft_batch(cfg.batch, cfg.seq_len, vocab, seed=cfg.seed), self.mesh)
             self.results["sft"] = self.measure_ours(
+                "ours sft",
                 lambda: compile_sft(policy, batch, chunk_size=self.chunk_size()),
                 policy,
                 batch,
@@ -210,6 +228,7 @@ class _Bench:
             reference = build_reference(self.config, self.mesh, dtype=cfg.reference_dtype, seed=cfg.seed)
             batch = place(dpo_batch(cfg.batch // 2, cfg.seq_len, vocab, seed=cfg.seed), self.mesh)
             self.results["dpo"] = self.measure_ours(
+                "ours dpo",
                 lambda: compile_dpo(policy, batch, spec, reference, chunk_size=self.chunk_size()),
                 policy,
                 batch,
@@ -220,6 +239,7 @@ class _Bench:
         if "dpo_precomputed" in wanted:
             batch = place(dpo_batch(cfg.batch // 2, cfg.seq_len, vocab, seed=cfg.seed, ref_logps=True), self.mesh)
             self.results["dpo_precomputed"] = self.measure_ours(
+                "ours dpo_precomputed",
                 lambda: compile_dpo(policy, batch, spec, None, chunk_size=self.chunk_size()),
                 policy,
                 batch,
@@ -239,7 +259,9 @@ class _Bench:
             policy = build_policy(config, self.mesh, seed=cfg.seed)
             batch = place(sft_batch(cfg.batch, cfg.seq_len, vocab, seed=cfg.seed), self.mesh)
             for chunked in (False, True):
-                rows[f"{vocab}/{'chunked' if chunked else 'full'}"] = self.measure_ours(
+                path = "chunked" if chunked else "full"
+                rows[f"{vocab}/{path}"] = self.measure_ours(
+                    f"ours sft, vocab {vocab}, {path}",
                     lambda: compile_sft(policy, batch, chunked=chunked, chunk_size=self.chunk_size()),
                     policy,
                     batch,
@@ -276,6 +298,7 @@ class _Bench:
             # memory_analysis is a prediction: run one step at the length found to confirm it.
             entry["ran"] = self._try_step(policy, result.longest, chunked) if result.longest else None
             fit["chunked" if chunked else "full"] = entry
+            self.console.print(f"fit, {'chunked' if chunked else 'full'} logits: {entry}")
         self.results["fit"] = fit
         del policy
         gc.collect()
@@ -312,9 +335,9 @@ class _Bench:
                 seed=cfg.seed,
             )
             try:
-                rows[task] = run_in_child(job)
+                rows[task] = self.progress(f"pytorch {task}", run_in_child(job))
             except RuntimeError as e:  # e.g. PyTorch out of memory at a shape ours fits
-                rows[task] = {"error": str(e)[-2000:]}
+                rows[task] = self.progress(f"pytorch {task}", {"error": str(e)[-2000:]})
         self.results["hf"] = rows
 
     def finish_hf(self):
@@ -381,7 +404,8 @@ class _Bench:
                 f"{_memory_of(row) / _MIB:,.0f}",
                 "" if temp is None else f"{temp / _MIB:,.0f}",
             )
-        self.console.print(table)
+        if named:
+            self.console.print(table)
         if "fit" in self.results:
             fit = self.results["fit"]
             self.console.print(
