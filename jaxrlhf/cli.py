@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "init-model": ("jaxrlhf.models.presets", "InitModelConfig", "run_init_model", "a random model of a preset shape as a HF folder"),
     "inspect-data": ("jaxrlhf.data.inspect", "InspectConfig", "run", "encoded examples token by token, and data statistics"),
     "bench": ("jaxrlhf.bench.run", "BenchConfig", "run", "step time, MFU and memory vs full logits and PyTorch (BENCHMARKS.md)"),
+    "generate": ("jaxrlhf.models.generate", "GenerateConfig", "run_generate", "chat completions from a run's checkpoint or a model folder (KV cache)"),
+    "plot": ("jaxrlhf.train.plot", "PlotConfig", "run_plot", "PNG curves of a run's metrics.jsonl into <run_dir>/plots"),
 }
 
 

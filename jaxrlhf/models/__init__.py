@@ -12,7 +12,8 @@ For a trainer: ``model(tokens, positions=, segment_ids=) -> hidden [B, T, D]`` a
 nnx.split(model)`` for the jitted train steps; ``init_model(config, seed=, mesh=)`` builds a
 random model; ``jaxrlhf.parallel.partition_specs(model, mesh)`` gives the
 parameter PartitionSpecs for jit in/out shardings. See ``decoder`` for the
-dtype, remat and scan switches (fields of ``ModelConfig``).
+dtype, remat and scan switches (fields of ``ModelConfig``). Generation with a
+``KVCache``: ``jaxrlhf.models.generate``.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import jax
 from flax import nnx
 
 from jaxrlhf.models.config import ModelConfig, RopeConfig, config_from_hf, config_to_hf
-from jaxrlhf.models.decoder import Decoder, init_model, segment_positions
+from jaxrlhf.models.decoder import Decoder, KVCache, init_model, segment_positions
 from jaxrlhf.models.hf_io import HF_NAME_MAPS, end_of_turn_token_id, load_hf, save_hf
 from jaxrlhf.ops.logprobs import chunked_token_logprobs
 
 __all__ = [
     "HF_NAME_MAPS",
     "Decoder",
+    "KVCache",
     "ModelConfig",
     "RopeConfig",
     "config_from_hf",

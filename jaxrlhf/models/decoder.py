@@ -27,11 +27,15 @@ Interface for a trainer::
   built under ``jax.set_mesh(mesh)`` shards its state the same way).
 - The model is a plain NNX module: ``nnx.split(model)`` / ``nnx.merge`` give a
   static graphdef and a state of arrays for ``jax.jit``.
+- For generation, ``model.extend(tokens, cache, positions=)`` runs the same
+  layers over a ``KVCache`` of fixed size: the prompt first (prefill), then one
+  token at a time (``jaxrlhf.models.generate``).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +53,7 @@ from jaxrlhf.parallel.rules import (
     partition_specs,
 )
 
-__all__ = ["Decoder", "Block", "init_model", "segment_positions", "rope_inverse_frequencies"]
+__all__ = ["Decoder", "Block", "KVCache", "init_model", "segment_positions", "rope_inverse_frequencies"]
 
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -143,11 +147,30 @@ def _segment_mask(segment_ids: jax.Array) -> jax.Array:
     return (same & causal)[:, None]
 
 
-def _window_mask(mask: jax.Array | None, window: jax.Array, length: int) -> jax.Array:
-    """Restrict ``mask`` to keys less than ``window`` tokens back (HF: kv_idx > q_idx - sliding_window)."""
-    index = jnp.arange(length)
-    within = ((index[:, None] - index[None, :]) < window)[None, None]
+def _window_mask(mask: jax.Array | None, window: jax.Array, query_index: jax.Array, key_index: jax.Array) -> jax.Array:
+    """Restrict ``mask`` to keys less than ``window`` slots back (HF: kv_idx > q_idx - sliding_window)."""
+    within = ((query_index[:, None] - key_index[None, :]) < window)[None, None]
     return within if mask is None else mask & within
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for ``S`` slots per row, filled from slot 0 on by ``Decoder.extend``.
+
+    All rows fill the same slots (a batch of prompts is left-padded, its padding
+    in segment 0); ``extend`` never writes past slot ``S - 1``, so size the cache
+    for the prompt plus every token to come.
+    """
+
+    keys: jax.Array  # [layers, B, S, kv_heads, head_dim] in config.dtype
+    values: jax.Array  # same
+    segment_ids: jax.Array  # [B, S] int32: the segment of each filled slot; 0 = padding (and empty slots)
+    length: jax.Array  # int32 scalar: slots filled so far
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, size: int) -> KVCache:
+        shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
+        zeros = jnp.zeros(shape, config.dtype)
+        return cls(zeros, zeros, jnp.zeros((batch, size), jnp.int32), jnp.zeros((), jnp.int32))
 
 
 class Attention(nnx.Module):
@@ -180,18 +203,43 @@ class Attention(nnx.Module):
         y = jnp.einsum("btd,dhk->bthk", x, kernel[...].astype(dtype))
         return y if bias is None else y + bias[...].astype(dtype)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array | None,
+        kv_cache: tuple[jax.Array, jax.Array] | None = None,
+        cache_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """``(output [B, T, D], kv_cache)``.
+
+        Without a cache the queries attend to the keys of ``x`` under ``mask`` and
+        causally. With ``kv_cache = (keys, values)`` (``[B, S, kv_heads, head_dim]``
+        each) this call's keys and values are first written at slots
+        ``cache_index ..`` and the queries attend to all S slots under ``mask``
+        ``[B, 1, T, S]``, which must then say which slots each query may see.
+        """
         q = self._project(x, self.q_proj, self.q_bias)
         k = self._project(x, self.k_proj, self.k_bias)
         v = self._project(x, self.v_proj, self.v_bias)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        # The mask (if any) is causal already; is_causal also lets cuDNN skip the upper triangle.
-        impl = self.config.attention_impl
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=impl)
+        if kv_cache is None:
+            # The mask (if any) is causal already; is_causal also lets cuDNN skip the upper triangle.
+            impl = self.config.attention_impl
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=impl)
+        else:
+            kv_cache = tuple(
+                jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), cache_index, axis=1)
+                for cache, new in zip(kv_cache, (k, v))
+            )
+            # Queries sit at slots after cache_index, so causality is in the mask, not is_causal; XLA's kernel
+            # takes any [B, 1, T, S] mask, down to the one-query steps of decoding.
+            out = jax.nn.dot_product_attention(q, *kv_cache, mask=mask, implementation="xla")
         out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(x.dtype))
-        return out if self.o_bias is None else out + self.o_bias[...].astype(x.dtype)
+        return (out if self.o_bias is None else out + self.o_bias[...].astype(x.dtype)), kv_cache
 
 
 class MLP(nnx.Module):
@@ -228,9 +276,11 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config, stack=stack, rngs=rngs)
         self.mlp = MLP(config, stack=stack, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
+        """``(output, kv_cache)``; the arguments as ``Attention``'s."""
+        attended, kv_cache = self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, cache_index)
+        x = x + attended
+        return x + self.mlp(self.mlp_norm(x)), kv_cache
 
 
 class Decoder(nnx.Module):
@@ -256,20 +306,66 @@ class Decoder(nnx.Module):
         self, tokens: jax.Array, *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
     ) -> jax.Array:
         """Final hidden states ``[B, T, D]`` (after the last norm) in ``config.dtype``."""
-        config = self.config
         if positions is None:
             positions = segment_positions(jnp.ones_like(tokens) if segment_ids is None else segment_ids)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(config.dtype)  # cast rows, not the whole table
-        x = constrain(x, _ACTIVATION_AXES)
-        cos, sin = _rope_tables(positions, config)
         # Unpacked rows need no mask beyond is_causal, which lets cuDNN run without a dense bias.
         mask = None if segment_ids is None else _segment_mask(segment_ids)
+        index = jnp.arange(tokens.shape[1])
+        x, _ = self._layers(self._embed(tokens), _rope_tables(positions, self.config), mask, index, index)
+        return constrain(self.final_norm(x), _ACTIVATION_AXES)
+
+    def extend(
+        self, tokens: jax.Array, cache: KVCache, *, positions: jax.Array, segment_ids: jax.Array | None = None
+    ) -> tuple[jax.Array, KVCache]:
+        """Hidden states ``[B, T, D]`` of ``tokens`` as the continuation of ``cache``, and the cache with them added.
+
+        ``tokens`` take slots ``cache.length .. cache.length + T`` of every row;
+        ``positions`` ``[B, T]`` are their RoPE positions (rows of a left-padded
+        batch differ). A token attends to the filled slots up to its own that
+        hold its segment id (``segment_ids`` default to 1; 0 marks padding) and,
+        on a sliding-window layer, lie less than ``window`` slots back. The
+        layers are the ones ``__call__`` runs, so a prompt run through ``extend``
+        and then continued one token at a time gives ``__call__``'s hidden states.
+        """
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        start = cache.length
+        slot_segments = jax.lax.dynamic_update_slice_in_dim(
+            cache.segment_ids, segment_ids.astype(jnp.int32), start, axis=1
+        )
+        query_index = start + jnp.arange(tokens.shape[1])
+        key_index = jnp.arange(cache.segment_ids.shape[1])
+        visible = (segment_ids[:, :, None] == slot_segments[:, None, :]) & (key_index <= query_index[:, None])
+        x, (keys, values) = self._layers(
+            self._embed(tokens),
+            _rope_tables(positions, self.config),
+            visible[:, None],
+            query_index,
+            key_index,
+            (cache.keys, cache.values),
+            start,
+        )
+        hidden = constrain(self.final_norm(x), _ACTIVATION_AXES)
+        return hidden, KVCache(keys, values, slot_segments, start + tokens.shape[1])
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)  # cast rows, not the whole table
+        return constrain(x, _ACTIVATION_AXES)
+
+    def _layers(self, x, rope, mask, query_index, key_index, kv_cache=None, cache_index=None):
+        """All layers, scanned or unrolled, with remat: ``(x, kv_cache)``, each cache ``[layers, ...]``.
+
+        ``query_index`` ``[T]`` and ``key_index`` ``[S]`` are the slots of the
+        queries and keys, for the sliding windows.
+        """
+        config = self.config
+        cos, sin = rope
         graphdef, stacked = nnx.split(self.layers)
 
-        def layer(x, layer_state, window):
-            layer_mask = mask if window is None else _window_mask(mask, window, x.shape[1])
-            y = nnx.merge(graphdef, layer_state)(x, cos, sin, layer_mask)
-            return constrain(y, _ACTIVATION_AXES)
+        def layer(x, layer_state, window, layer_cache):
+            layer_mask = mask if window is None else _window_mask(mask, window, query_index, key_index)
+            y, layer_cache = nnx.merge(graphdef, layer_state)(x, cos, sin, layer_mask, layer_cache, cache_index)
+            return constrain(y, _ACTIVATION_AXES), layer_cache
 
         if config.remat != "none":
             # Inside lax.scan, CSE across iterations cannot undo the remat, so skip its barrier.
@@ -279,12 +375,13 @@ class Decoder(nnx.Module):
         if any(w is not None for w in windows):
             window_array = jnp.asarray([_NO_WINDOW if w is None else w for w in windows], jnp.int32)
         if config.scan_layers:
-            x, _ = jax.lax.scan(lambda carry, xs: (layer(carry, *xs), None), x, (stacked, window_array))
-        else:
-            for i in range(config.num_layers):
-                layer_state = jax.tree.map(lambda a: a[i], stacked)
-                x = layer(x, layer_state, None if window_array is None else window_array[i])
-        return constrain(self.final_norm(x), _ACTIVATION_AXES)
+            return jax.lax.scan(lambda carry, xs: layer(carry, *xs), x, (stacked, window_array, kv_cache))
+        caches = []
+        for i in range(config.num_layers):
+            layer_state, layer_cache = jax.tree.map(lambda a: a[i], (stacked, kv_cache))
+            x, layer_cache = layer(x, layer_state, None if window_array is None else window_array[i], layer_cache)
+            caches.append(layer_cache)
+        return x, (None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches))
 
 
 def init_model(
