@@ -37,6 +37,9 @@ import numpy as np
 from flax import nnx
 
 from jaxrlhf.config import ConfigError, load_config
+from jaxrlhf.data.chat import render, template_text
+from jaxrlhf.data.errors import DataError, Origin
+from jaxrlhf.data.tokenizer import load_tokenizer, pad_id
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.decoder import Decoder, KVCache
 from jaxrlhf.models.hf_io import end_of_turn_token_id, load_hf
@@ -138,7 +141,7 @@ def _generate(graphdef, params, prompt, stop_ids, pad_id, key, *, max_new_tokens
 
     def step(carry):
         i, token, done, out, cache, position = carry
-        hidden, cache = nnx.merge(graphdef, params).extend(token[:, None], cache, positions=position[:, None])
+        hidden, cache = model.extend(token[:, None], cache, positions=position[:, None])
         token = choose(hidden[:, 0], i, done)
         return i + 1, token, done | is_stop(token), out.at[:, i].set(token), cache, position + 1
 
@@ -217,6 +220,7 @@ class GenerateConfig:
     prompts_file: str = ""
     """JSONL of {"messages": [...]} (trailing assistant turns are dropped) or {"prompt": text or messages}."""
     max_new_tokens: int = 128
+    """Most tokens generated per prompt, its stop token included."""
     temperature: float = 0.0
     """0 = greedy."""
     top_k: int = 0
@@ -224,6 +228,7 @@ class GenerateConfig:
     top_p: float = 1.0
     """1 = off."""
     seed: int = 0
+    """Seed of the sampling (greedy decoding uses none)."""
     batch_size: int = 16
     """Prompts generated together (left-padded into one batch)."""
     dtype: str = ""
@@ -245,8 +250,6 @@ def _user_messages(value: Any) -> list[list[dict]]:
 
 def read_prompts(path: str | pathlib.Path) -> list[list[dict]]:
     """The conversations to continue, from a JSONL file of ``{"messages"}`` or ``{"prompt"}`` records."""
-    from jaxrlhf.data.errors import DataError, Origin
-
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist")
@@ -335,10 +338,6 @@ def stop_token_ids(tokenizer, template: str, model_config: ModelConfig, model_fo
 
 def run_generate(config: GenerateConfig) -> list[dict]:
     """`jaxrlhf generate`: print (and with ``out`` write) a completion for every prompt."""
-    from jaxrlhf.data import load_tokenizer
-    from jaxrlhf.data.chat import render, template_text
-    from jaxrlhf.data.tokenizer import pad_id
-
     if bool(config.run_dir) == bool(config.model):
         raise ConfigError("set exactly one of --run_dir (a training run) and --model (a Hugging Face folder)")
     conversations = [] if config.prompt is None else _user_messages(config.prompt)
@@ -365,21 +364,19 @@ def run_generate(config: GenerateConfig) -> list[dict]:
             sampling=sampling,
             stop_ids=stop_ids,
             pad_id=pad_id(tokenizer),
-            seed=config.seed + first,
+            seed=config.seed + first,  # each batch its own random stream
         )
         for row in range(len(batch)):
-            results.append(
-                {
-                    "messages": conversations[first + row],
-                    "completion": tokenizer.decode(out.completion(row)),
-                    "finish_reason": "stop" if out.stopped[row] else "length",
-                    "num_tokens": int(out.lengths[row]),
-                }
-            )
-    for i, result in enumerate(results, start=1):
-        print(f"### {i}: {result['messages'][-1]['content']}")
-        print(result["completion"])
-        print(f"({result['finish_reason']}, {result['num_tokens']} tokens)\n")
+            result = {
+                "messages": conversations[first + row],
+                "completion": tokenizer.decode(out.completion(row)),
+                "finish_reason": "stop" if out.stopped[row] else "length",
+                "num_tokens": int(out.lengths[row]),
+            }
+            results.append(result)
+            print(f"### {len(results)}: {result['messages'][-1]['content']}")
+            print(result["completion"])
+            print(f"({result['finish_reason']}, {result['num_tokens']} tokens)\n", flush=True)
     if config.out:
         out_path = pathlib.Path(config.out)
         out_path.parent.mkdir(parents=True, exist_ok=True)
