@@ -99,13 +99,14 @@ def _full_logits(graphdef, params, tokens, segment_ids):
     return model(tokens, segment_ids=segment_ids) @ model.lm_head_matrix()
 
 
-@pytest.mark.parametrize("variant, scan_layers", [("mistral", True), ("qwen2", False)])
-def test_cached_steps_equal_the_full_forward(zoo, variant, scan_layers):
+@pytest.mark.parametrize("variant, scan_layers, remat", [("mistral", True, "none"), ("qwen2", False, "full")])
+def test_cached_steps_equal_the_full_forward(zoo, variant, scan_layers, remat):
     """Prefill a left-padded batch, then feed one token at a time: logits equal the full forward's everywhere.
 
-    Mistral slides a window of 5 on every layer, Qwen2 a window of 4 on its second (here unrolled) layer.
+    Mistral slides a window of 5 on every layer, Qwen2 a window of 4 on its second layer (here the layers
+    run unrolled and rematerialised, as a run's config may say).
     """
-    model, config = load_hf(zoo.folder(variant), dtype=jnp.float32, scan_layers=scan_layers)
+    model, config = load_hf(zoo.folder(variant), dtype=jnp.float32, scan_layers=scan_layers, remat=remat)
     graphdef, params = nnx.split(model)
     rng = np.random.default_rng(4)
     rows = [rng.integers(0, config.vocab_size, n).tolist() for n in (9, 6)]
