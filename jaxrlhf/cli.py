@@ -8,6 +8,7 @@ command is adding a row to ``COMMANDS``. Modules are imported lazily so that
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -54,19 +55,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         result = getattr(module, run_name)(config)
-    except _user_errors() as e:
-        # Bad data, a missing model folder or a diverged run: the message says what and where.
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # Bad data or settings, a missing folder, a diverged run: the message says what and where.
+        # JAXRLHF_TRACEBACK=1 shows the traceback too, for bug reports.
+        if os.environ.get("JAXRLHF_TRACEBACK"):
+            raise
         print(f"jaxrlhf {name}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return result if isinstance(result, int) else 0
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from jaxrlhf.data.errors import DataError
-    from jaxrlhf.train.diagnostics import TrainingDiverged
-    from jaxrlhf.train.reference import StaleReference
-
-    return (DataError, TrainingDiverged, StaleReference, FileNotFoundError)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import TypeVar
 
 import draccus
-from draccus.utils import DecodingError
+from draccus.utils import DecodingError, ParsingError
 
 T = TypeVar("T")
 
@@ -25,9 +25,10 @@ def parse_config(config_class: type[T], args: Sequence[str], *, prog: str | None
     """Build ``config_class`` from defaults, then ``--config_path`` YAML, then CLI overrides."""
     try:
         return draccus.parse(config_class=config_class, args=list(args), prog=prog)
-    except DecodingError as e:
+    except (DecodingError, ParsingError, FileNotFoundError) as e:
         source = _config_path_of(args)
-        raise ConfigError(f"{source or 'config'}: {e}") from None
+        cause = f": {e.__cause__}" if isinstance(e, ParsingError) and e.__cause__ else ""
+        raise ConfigError(f"{source or 'config'}: {e}{cause}") from None
 
 
 def load_config(config_class: type[T], path: str | pathlib.Path, overrides: Sequence[str] = ()) -> T:

@@ -58,3 +58,21 @@ def test_demo_shows_their_counts_and_ours(capsys):
     out = capsys.readouterr().out
     assert "trained targets: theirs 3, ours 4" in out  # OpenRLHF: ',' dropped
     assert "loss 0.6931" in out  # identical DPO pair
+
+
+def test_missing_or_malformed_config_file(tmp_path, capsys):
+    assert cli.main(["mask-demo", "--config_path", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [1\n")
+    assert cli.main(["mask-demo", "--config_path", str(bad)]) == 2
+    assert "bad.yaml" in capsys.readouterr().err
+
+
+def test_runtime_config_mistakes_are_one_line_not_a_traceback(capsys, monkeypatch):
+    monkeypatch.delenv("JAXRLHF_TRACEBACK", raising=False)
+    assert cli.main(["dpo", "--dpo.loss_type", "[sft,sigmoid]", "--dpo.loss_weights", "[2.0]"]) == 1
+    err = capsys.readouterr().err
+    assert "ConfigError" in err and "one weight per loss_type" in err and "Traceback" not in err
+    assert cli.main(["sft"]) == 1
+    assert "model.path is empty" in capsys.readouterr().err

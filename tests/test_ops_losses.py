@@ -229,3 +229,27 @@ def test_length_normalised_losses_say_they_need_lengths(name):
     x = jnp.zeros(4)
     with pytest.raises(ValueError, match=f"{name}.*chosen_lengths and rejected_lengths"):
         losses.dpo_loss(x, x, x, x, beta=0.1, loss_type=name)
+
+
+def test_discopop_is_finite_for_very_negative_margins():
+    # exp(-x) overflows where the modulation underflows; the product must stay finite.
+    x = jnp.asarray([-900.0, -50.0, 0.0, 50.0])
+    zeros = jnp.zeros(4)
+
+    def loss(delta):
+        return losses.dpo_loss(delta, zeros, zeros, zeros, beta=0.1, loss_type="discopop")[0]
+
+    value, grad = jax.value_and_grad(loss)(x)
+    assert np.isfinite(float(value)) and np.all(np.isfinite(grad))
+    want = reference_per_pair("discopop", x[1:], np.zeros(3), np.zeros(3), np.zeros(3), 0.1, 0.0, None, None)
+    np.testing.assert_allclose(
+        losses.dpo_loss(x[1:], zeros[1:], zeros[1:], zeros[1:], beta=0.1, loss_type="discopop")[1]["per_pair_loss"],
+        want,
+        rtol=1e-5,
+    )
+
+
+def test_sft_term_takes_the_global_tokens_per_pair():
+    pc, pr, rc, rr, lc, lr = pairs(4)
+    _, metrics = call_dpo(pc, pr, rc, rr, lc, lr, beta=0.1, loss_type="sft", chosen_tokens_per_pair=10.0)
+    np.testing.assert_allclose(metrics["per_pair_loss"], -pc / 10.0, rtol=1e-6)

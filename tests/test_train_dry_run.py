@@ -47,4 +47,3 @@ def test_every_shipped_config_dry_runs_on_8_devices(path):
     if is_dpo and config.dpo.reference == "model":
         assert report["reference"] > 0
     assert report["temporaries"] > 0
-    assert report["total"] == sum(report[k] for k in ("parameters", "optimizer", "reference", "batch", "temporaries"))

@@ -2,7 +2,9 @@
 
 Each process reads its own contiguous slice of the data, so the single-process
 reference reads a file whose records are interleaved block by block to give it
-the very same global batches (no shuffling, padded rows).
+the very same global batches (no shuffling, padded rows). The two-process run is
+interrupted and resumed half-way (each process restores its own data position),
+and DPO evaluates on an eval file that does not split evenly over the processes.
 """
 
 import json
@@ -43,9 +45,10 @@ def write_files(tmp_path, source):
     return sharded, single
 
 
-def configure(make, tmp_path, name, base_model, data_file):
-    config = make(tmp_path / name, base_model, max_steps=STEPS)
+def configure(make, tmp_path, name, base_model, data_file, eval_file=None):
+    config = make(tmp_path / name, base_model, max_steps=STEPS, eval_every=2 if eval_file else 0)
     config.data.train = [DatasetConfig(paths=[str(data_file)])]
+    config.data.eval = [DatasetConfig(paths=[str(eval_file)])] if eval_file else []
     config.data.eval_fraction = 0.0
     config.data.shuffle = False
     config.data.packing = "none"
@@ -60,9 +63,14 @@ def train_rows(run_dir):
     return [{k: r[k] for k in COMPARED} for r in rows if "loss" in r]
 
 
-def launch(task, config_path, *, processes, devices):
+def eval_rows(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "eval/loss" in r]
+
+
+def launch(task, config_path, *, processes, devices, extra=()):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-    base = [sys.executable, "-m", "jaxrlhf.cli", task, "--config_path", str(config_path)]
+    base = [sys.executable, "-m", "jaxrlhf.cli", task, "--config_path", str(config_path), *extra]
     if processes == 1:
         commands = [base]
     else:
@@ -83,11 +91,23 @@ def launch(task, config_path, *, processes, devices):
 def test_two_processes_match_one(task, base_model, tmp_path):
     make = sft_config if task == "sft" else dpo_config
     sharded, single = write_files(tmp_path, asset_path(f"{task}.jsonl"))
-    launch(task, configure(make, tmp_path, "two", base_model, sharded), processes=2, devices=4)
-    launch(task, configure(make, tmp_path, "one", base_model, single), processes=1, devices=8)
-    two, one = train_rows(tmp_path / "two"), train_rows(tmp_path / "one")
-    assert len(two) == len(one) == STEPS
-    for a, b in zip(two, one):
+    eval_file = None
+    if task == "dpo":  # 7 pairs: 4 + 3 over two processes, padded with a filler pair
+        eval_file = tmp_path / "eval.jsonl"
+        eval_file.write_text("".join(asset_path("dpo.jsonl").read_text().splitlines(keepends=True)[-7:]))
+    two = configure(make, tmp_path, "two", base_model, sharded, eval_file)
+    launch(task, two, processes=2, devices=4, extra=["--stop_after_steps", "2"])
+    launch(task, two, processes=2, devices=4)
+    launch(task, configure(make, tmp_path, "one", base_model, single, eval_file), processes=1, devices=8)
+    two_rows, one_rows = train_rows(tmp_path / "two"), train_rows(tmp_path / "one")
+    assert len(two_rows) == len(one_rows) == STEPS
+    for a, b in zip(two_rows, one_rows):
         for key in COMPARED:
             np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
     assert (tmp_path / "two" / "checkpoints" / str(STEPS)).exists()
+    if eval_file is not None:
+        two_eval, one_eval = eval_rows(tmp_path / "two"), eval_rows(tmp_path / "one")
+        assert [r["eval/pairs"] for r in two_eval] == [7.0] * len(one_eval)
+        for a, b in zip(two_eval, one_eval):
+            np.testing.assert_allclose(a["eval/loss"], b["eval/loss"], rtol=1e-5)
+            np.testing.assert_allclose(a["eval/rewards/margins"], b["eval/rewards/margins"], rtol=1e-4, atol=1e-6)

@@ -130,3 +130,15 @@ def test_dpo_eval_metrics_ignore_padding_pairs():
     np.testing.assert_allclose(metrics["rewards/accuracies"], 0.5)
     want = np.mean([np.logaddexp(0, -0.1 * 2.0), np.logaddexp(0, 0.1 * 1.0)])
     np.testing.assert_allclose(metrics["loss"], want, rtol=1e-6)
+
+
+def test_loss_spec_is_checked_when_made():
+    with pytest.raises(ValueError, match="one weight per loss_type"):
+        steps.DpoLossSpec(loss_type=("sft", "sigmoid"), loss_weights=(2.0,))
+    with pytest.raises(ValueError, match="unknown dpo loss_type"):
+        steps.DpoLossSpec(loss_type=("kto",))
+    with pytest.raises(ValueError, match="beta"):
+        steps.DpoLossSpec(beta=0.0)
+    spec = steps.DpoLossSpec(loss_type=("sigmoid", "sft"))
+    assert spec.loss_weights == (1.0, 1.0) and not spec.sorts_across_batch
+    assert steps.DpoLossSpec(loss_type=("aot",)).sorts_across_batch

@@ -165,7 +165,9 @@ def _chunked_bwd(chunk_size, residuals, lp_cotangent):
         logits = _chunk_logits(hidden_chunk, lm_head)
         probs = jnp.exp(logits - lse_chunk[..., None])
         onehot = jax.nn.one_hot(targets_chunk, logits.shape[-1], dtype=jnp.float32)
-        logits_grad = weight_chunk[..., None] * (onehot - probs)
+        # In the weights' dtype, as the forward matmul: mixing f32 with a bf16 lm_head would make XLA hold an
+        # f32 copy of the whole [D, V] matrix. Accumulation stays f32.
+        logits_grad = (weight_chunk[..., None] * (onehot - probs)).astype(lm_head.dtype)
         hidden_grad = jnp.einsum("bcv,dv->bcd", logits_grad, lm_head, preferred_element_type=jnp.float32)
         lm_head_grad = lm_head_grad + jnp.einsum(
             "bcd,bcv->dv", hidden_chunk, logits_grad, preferred_element_type=jnp.float32

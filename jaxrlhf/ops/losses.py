@@ -63,6 +63,7 @@ class PairInputs:
     chosen_lengths: jax.Array | None
     rejected_lengths: jax.Array | None
     discopop_tau: float
+    chosen_tokens_per_pair: jax.Array | float | None = None
 
     @property
     def chosen_logratios(self):
@@ -175,7 +176,9 @@ def _discopop(p: PairInputs):
     """DiscoPOP log-ratio modulated loss, eq. 5 of Chan Lu et al. 2024 (arXiv:2406.08414)."""
     x = p.beta * p.delta
     modulation = jax.nn.sigmoid(x / p.discopop_tau)
-    return -jax.nn.log_sigmoid(x) * (1.0 - modulation) + jnp.exp(-x) * modulation
+    # exp(-x) * sigmoid(x / tau) in log space: the product is 0 * inf = NaN for very negative x.
+    exp_term = jnp.exp(-x + jax.nn.log_sigmoid(x / p.discopop_tau))
+    return -jax.nn.log_sigmoid(x) * (1.0 - modulation) + exp_term
 
 
 def _sigmoid_norm(p: PairInputs):
@@ -187,12 +190,15 @@ def _sigmoid_norm(p: PairInputs):
 def _sft(p: PairInputs):
     """Token-mean NLL of the chosen responses (the SFT term of RPO, Pang et al. 2024, arXiv:2404.19733).
 
-    Row i carries its share ``-logp_chosen[i] * B / sum(chosen_lengths)``, so the
-    mean over pairs is the token mean ``-sum(logp_chosen) / sum(chosen_lengths)``.
+    Row i carries its share ``-logp_chosen[i] / chosen_tokens_per_pair``, so the mean
+    over pairs is the token mean ``-sum(logp_chosen) / sum(chosen_lengths)``. A
+    trainer accumulating micro-batches passes the global batch's tokens per pair.
     """
     p.lengths("sft")
-    total_tokens = jnp.maximum(jnp.sum(p.chosen_lengths), 1.0)
-    return -p.policy_chosen * (p.policy_chosen.shape[0] / total_tokens)
+    per_pair = p.chosen_tokens_per_pair
+    if per_pair is None:
+        per_pair = jnp.maximum(jnp.sum(p.chosen_lengths), 1.0) / p.policy_chosen.shape[0]
+    return -p.policy_chosen / per_pair
 
 
 DPO_LOSSES: dict[str, Callable[[PairInputs], jax.Array]] = {
@@ -215,7 +221,8 @@ DPO_LOSSES: dict[str, Callable[[PairInputs], jax.Array]] = {
 _SORTED_ACROSS_BATCH = frozenset({"aot", "aot_unpaired"})
 
 
-def _normalise_loss_types(loss_type, loss_weights) -> tuple[tuple[str, ...], tuple[float, ...]]:
+def normalise_loss_types(loss_type, loss_weights=None) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """``(names, weights)`` of a ``loss_type`` string or list; ``ValueError`` naming the problem otherwise."""
     names = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
     if not names:
         raise ValueError("loss_type is empty: name at least one of " + ", ".join(DPO_LOSSES))
@@ -244,16 +251,18 @@ def dpo_loss(
     rejected_lengths: jax.Array | None = None,
     loss_weights: Sequence[float] | None = None,
     discopop_tau: float = 0.05,
+    chosen_tokens_per_pair: jax.Array | float | None = None,
 ):
     """Preference loss over pairs of summed log-probs ``[B]``; the loss is the mean over pairs.
 
     ``ref_*`` may be zeros for reference-free training. ``*_lengths`` are the
     numbers of trained tokens per response, needed by ``ipo``, ``sigmoid_norm``
-    and ``sft``. Metrics hold ``DPO_METRIC_KEYS`` (batch means; rewards are
+    and ``sft``; ``chosen_tokens_per_pair`` overrides the ``sft`` denominator (the
+    global batch's mean chosen length, when accumulating micro-batches). Metrics hold ``DPO_METRIC_KEYS`` (batch means; rewards are
     ``beta * (policy - ref)``) and, unless a batch-coupled loss (``aot*``) is
     selected, ``per_pair_loss`` ``[B]`` for callers that weight or mask pairs.
     """
-    names, weights = _normalise_loss_types(loss_type, loss_weights)
+    names, weights = normalise_loss_types(loss_type, loss_weights)
     beta = float(beta)
     label_smoothing = float(label_smoothing)
     if not beta > 0:
@@ -287,6 +296,7 @@ def dpo_loss(
         chosen_lengths=f32(chosen_lengths),
         rejected_lengths=f32(rejected_lengths),
         discopop_tau=float(discopop_tau),
+        chosen_tokens_per_pair=chosen_tokens_per_pair,
     )
     per_pair = sum(w * DPO_LOSSES[name](pairs) for name, w in zip(names, weights))
     loss = jnp.mean(per_pair)

@@ -1,8 +1,10 @@
 """Checkpoints with orbax: train state (params, optimizer, step, RNG) plus the data position.
 
 The data position is the Grain iterator state *after the last batch the step
-consumed* (the prefetcher records it per batch), saved as JSON: saving the live
-iterator would record batches that were prefetched but never trained on.
+consumed* (the prefetcher records it per batch): saving the live iterator would
+record batches that were prefetched but never trained on. It goes through Grain's
+checkpoint handler, which writes one file per process, since every process reads,
+drops and packs its own slice.
 
 One ``CheckpointManager`` per run directory keeps the last N checkpoints, saves
 every K steps asynchronously, and restores onto whatever mesh the abstract state
@@ -12,8 +14,10 @@ describes, so a run can resume on a different mesh shape.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -51,24 +55,42 @@ class Checkpointer:
             return False
         args = {"state": ocp.args.StandardSave(state)}
         if data_state is not None:
-            args["data"] = ocp.args.JsonSave(data_state)
+            args["data"] = grain.checkpoint.CheckpointSave(_DataPosition(data_state))
         # The interval is decided above; orbax's own policy would also save the very first step.
         return self._manager.save(step, args=ocp.args.Composite(**args), force=True)
 
-    def restore(self, step: int, abstract_state):
-        """Restore onto the shardings of ``abstract_state``; returns ``(state, data_state or None)``."""
-        args = {"state": ocp.args.StandardRestore(abstract_state)}
-        if (self._directory / str(step) / "data").exists():
-            args["data"] = ocp.args.JsonRestore()
-        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
-        return restored["state"], restored.get("data")
+    def restore(self, step: int, abstract_state, *, with_data: bool = True):
+        """Restore onto the shardings of ``abstract_state``; returns ``(state, data_state or None)``.
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
+        ``with_data=False`` skips the data position (export, or another process count).
+        """
+        args = {"state": ocp.args.StandardRestore(abstract_state)}
+        position = None
+        if with_data and (self._directory / str(step) / "data").exists():
+            position = _DataPosition()
+            args["data"] = grain.checkpoint.CheckpointRestore(position)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        return restored["state"], None if position is None else position.state
 
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+class _DataPosition:
+    """A recorded iterator state in the shape Grain's checkpoint handler reads and writes (JSON bytes)."""
+
+    def __init__(self, state: dict | None = None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.state = json.loads(state)
+
+    def start_prefetch(self) -> None:
+        """Grain calls this after restoring; there is nothing to prefetch in a recorded state."""
 
 
 def abstract_like(tree):

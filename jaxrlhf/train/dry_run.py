@@ -54,13 +54,10 @@ def _abstract_params(model_config, mesh):
     return graphdef, _abstract(state, named_shardings(state, mesh))
 
 
-def dry_run(config, task: str, *, model_config_of, total_steps: int) -> dict:
-    """Compile the step of ``config`` and return (and print) the per-device memory plan in bytes."""
-    mesh = make_mesh(config.mesh)
-    param_dtype = config.model.param_dtype
-    model_config = model_config_of(config.model, config.model.path, param_dtype=param_dtype, tokenizer=config.data.tokenizer)
+def abstract_train_state(model_config, tx, mesh):
+    """``(graphdef, state)`` where ``state`` is a ``TrainState`` of sharded ``ShapeDtypeStruct``s: the
+    shape of training on ``mesh`` without allocating it (a dry-run input, a checkpoint's restore target)."""
     graphdef, params = _abstract_params(model_config, mesh)
-    tx, schedule = make_optimizer(config.optim, total_steps)
     opt_state = jax.eval_shape(tx.init, params)
     opt_state = _abstract(opt_state, opt_state_shardings(tx, params, jax.tree.map(lambda x: x.sharding, params), mesh))
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -70,13 +67,24 @@ def dry_run(config, task: str, *, model_config_of, total_steps: int) -> dict:
         step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
         rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
     )
+    return graphdef, state
+
+
+def dry_run(config, task: str, *, model_config_of, chunk_size_of, total_steps: int) -> dict:
+    """Compile the step of ``config`` and return (and print) the per-device memory plan in bytes."""
+    mesh = make_mesh(config.mesh)
+    param_dtype = config.model.param_dtype
+    model_config = model_config_of(config.model, config.model.path, param_dtype=param_dtype, tokenizer=config.data.tokenizer)
+    tx, schedule = make_optimizer(config.optim, total_steps)
+    graphdef, state = abstract_train_state(model_config, tx, mesh)
+    params, opt_state = state.params, state.opt_state
     shape = (config.data.batch_size, config.data.max_length) if task == "sft" else (
         config.data.batch_size, 2, config.data.max_length)  # fmt: skip
     batch = {
         key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, len(shape)))
         for key in ("tokens", "loss_mask", "segment_ids", "positions")
     }
-    logprob_fn = make_logprob_fn(graphdef, chunk_size=config.model.chunk_size or None)
+    logprob_fn = make_logprob_fn(graphdef, chunk_size=chunk_size_of(config, task, mesh, model_config.vocab_size))
     reference_bytes = 0
     if task == "sft":
         step = functools.partial(
@@ -87,7 +95,7 @@ def dry_run(config, task: str, *, model_config_of, total_steps: int) -> dict:
         ref_params = None
         if config.dpo.reference == "model":
             ref_config = model_config_of(
-                config.model, config.dpo.reference_path or config.model.path,
+                config.model, config.reference_model_path(),
                 param_dtype=config.dpo.reference_dtype, tokenizer=config.data.tokenizer,
             )  # fmt: skip
             _, ref_params = _abstract_params(ref_config, mesh)
@@ -97,7 +105,7 @@ def dry_run(config, task: str, *, model_config_of, total_steps: int) -> dict:
                 shape[:2], jnp.float32, sharding=batch_sharding(mesh, 2)
             )
         step = functools.partial(
-            steps.dpo_step, logprob_fn=logprob_fn, tx=tx, schedule=schedule, spec=config.dpo.spec(),
+            steps.dpo_step, logprob_fn=logprob_fn, tx=tx, schedule=schedule, spec=config.dpo.spec(config.micro_batches),
             num_micro_batches=config.micro_batches,
         )  # fmt: skip
         kwargs = {"ref_params": ref_params}

@@ -42,11 +42,24 @@ class PreemptionFlag:
         return self._event.is_set()
 
 
-def _every_process_has_data(has_batch: bool) -> bool:
-    """Processes drop and pack their own rows, so one may run out first; all must stop at the same step."""
-    if jax.process_count() == 1:
-        return has_batch
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(has_batch))))
+class ProcessesFailed(RuntimeError):
+    """Another process of a multi-process run stopped with an error."""
+
+
+def _agree(*, has_batch: bool, preempted: bool, failed: bool) -> tuple[bool, bool, bool]:
+    """What every process must decide together before a step, since each step is a collective.
+
+    A process may run out of data first (each drops and packs its own rows), be the
+    only one to receive SIGTERM, or fail reading its data; acting alone on any of
+    these would leave the others waiting forever in the next collective. Returns
+    ``(all have a batch, any was preempted, any failed)``.
+    """
+    flags = np.asarray([has_batch, preempted, failed])
+    if jax.process_count() > 1:
+        flags = np.asarray(multihost_utils.process_allgather(flags)).reshape(-1, 3)
+    else:
+        flags = flags[None]
+    return bool(flags[:, 0].all()), bool(flags[:, 1].any()), bool(flags[:, 2].any())
 
 
 def run_loop(
@@ -67,8 +80,8 @@ def run_loop(
 ) -> tuple[object, str]:
     """Train from ``start_step`` to ``total_steps``; returns ``(state, reason)``.
 
-    ``reason`` is ``"done"``, ``"preempted"`` (SIGTERM: saved and stopped) or
-    ``"data_exhausted"``. ``watchers`` see every step's host metrics and may
+    ``reason`` is ``"done"``, ``"preempted"`` (SIGTERM on any process: all save and
+    stop) or ``"data_exhausted"`` (on any process). ``watchers`` see every step's host metrics and may
     raise to stop the run (after which the last good checkpoint is kept).
     """
     step = start_step
@@ -79,8 +92,24 @@ def run_loop(
     last_time = time.perf_counter()
     with PreemptionFlag() as preempted:
         while step < total_steps:
-            item = next(batches, None)
-            if not _every_process_has_data(item is not None):
+            item, error = None, None
+            try:
+                item = next(batches, None)
+            except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other processes
+                error = e
+            all_have_data, any_preempted, any_failed = _agree(
+                has_batch=item is not None, preempted=preempted.is_set, failed=error is not None
+            )
+            if error is not None:
+                raise error
+            if any_failed:
+                raise ProcessesFailed("another process stopped with an error (its output says why); stopping too")
+            if any_preempted:
+                reason = "preempted"
+                if checkpointer is not None:
+                    checkpointer.save(step, state, data_state, force=True)
+                break
+            if not all_have_data:
                 reason = "data_exhausted"
                 break
             batch, data_state_after = item
@@ -101,10 +130,7 @@ def run_loop(
                 sinks.write(step, {f"eval/{k}": v for k, v in eval_fn(state).items()})
                 last_time = time.perf_counter()
             if checkpointer is not None:
-                checkpointer.save(step, state, data_state, force=preempted.is_set)
-            if preempted.is_set:
-                reason = "preempted"
-                break
+                checkpointer.save(step, state, data_state)
     if checkpointer is not None and reason != "preempted" and step > start_step:
         checkpointer.save(step, state, data_state, force=True)
     if eval_fn is not None and reason != "preempted":

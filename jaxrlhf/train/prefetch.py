@@ -42,6 +42,16 @@ class DevicePrefetcher:
         self._thread = threading.Thread(target=self._run, daemon=True, name="jaxrlhf-prefetch")
         self._thread.start()
 
+    def _put(self, item) -> bool:
+        """Queue ``item`` unless closed first (a full queue must not keep the thread alive forever)."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def _run(self):
         try:
             for local_batch in self._iterator:
@@ -49,18 +59,11 @@ class DevicePrefetcher:
                 state = copy.deepcopy(self._get_state()) if self._get_state is not None else None
                 if self._transform is not None:
                     local_batch = self._transform(local_batch)
-                item = (place_batch(local_batch, self._sharding_for), state)
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
+                if not self._put((place_batch(local_batch, self._sharding_for), state)):
                     return
-            self._queue.put(_END)
+            self._put(_END)
         except BaseException as e:  # surfaced in the training thread by __next__
-            self._queue.put(e)
+            self._put(e)
 
     def __iter__(self):
         return self

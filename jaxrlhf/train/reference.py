@@ -24,6 +24,7 @@ import pathlib
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 FINGERPRINT = "fingerprint.json"
 _MODEL_FILES = ("config.json", "*.safetensors")
@@ -131,7 +132,13 @@ class ReferenceTable:
 def write_reference(
     folder: pathlib.Path, keys: np.ndarray, logps: np.ndarray, *, model_path: str, tokenizer_path: str, data
 ) -> None:
+    """Every process writes its shard; shards of an earlier run (maybe with more processes) go first."""
     folder.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        for stale in [*folder.glob("pairs.process*.npz"), folder / FINGERPRINT]:
+            stale.unlink(missing_ok=True)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxrlhf: old reference shards removed")
     np.savez(folder / f"pairs.process{jax.process_index()}.npz", keys=keys, logps=logps)
     if jax.process_index() == 0:
         fingerprint = _fingerprint(model_path, tokenizer_path, _encoding(data))

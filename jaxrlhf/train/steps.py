@@ -37,13 +37,27 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class DpoLossSpec:
-    """Static settings of the DPO objective (hashable: part of the jitted step)."""
+    """Static settings of the DPO objective (hashable: part of the jitted step), checked when made."""
 
     beta: float = 0.1
     loss_type: tuple[str, ...] = ("sigmoid",)
     loss_weights: tuple[float, ...] | None = None
     label_smoothing: float = 0.0
     discopop_tau: float = 0.05
+
+    def __post_init__(self):
+        names, weights = losses.normalise_loss_types(self.loss_type, self.loss_weights)
+        object.__setattr__(self, "loss_type", names)
+        object.__setattr__(self, "loss_weights", weights)
+        if not self.beta > 0:
+            raise ValueError(f"dpo beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"dpo label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+    @property
+    def sorts_across_batch(self) -> bool:
+        """aot losses sort the pairs of a batch: with micro-batches they see only their micro-batch."""
+        return bool({"aot", "aot_unpaired"} & set(self.loss_type))
 
 
 def split_micro_batches(batch: dict, num_micro_batches: int) -> dict:
@@ -138,36 +152,26 @@ def dpo_pair_terms(
 ):
     """DPO loss of a micro-batch as a *sum over its pairs*, plus its metrics (sums over pairs).
 
-    ``sft`` terms divide by ``chosen_tokens_per_pair`` of the *global* batch rather
-    than the micro-batch's own token count: after the caller divides by the global
-    number of pairs, the term is exactly -sum(logp_chosen) / (global chosen tokens).
+    ``chosen_tokens_per_pair`` is the *global* batch's: after the caller divides by
+    the global number of pairs, an ``sft`` term is exactly -sum(logp_chosen) /
+    (global chosen tokens), however the batch was split.
     """
-    weights = spec.loss_weights or (1.0,) * len(spec.loss_type)
-    pair_types = [(t, w) for t, w in zip(spec.loss_type, weights) if t != "sft"]
+    loss, metrics = losses.dpo_loss(
+        policy[:, 0],
+        policy[:, 1],
+        reference[:, 0],
+        reference[:, 1],
+        beta=spec.beta,
+        loss_type=spec.loss_type,
+        loss_weights=spec.loss_weights,
+        label_smoothing=spec.label_smoothing,
+        chosen_lengths=lengths[:, 0],
+        rejected_lengths=lengths[:, 1],
+        discopop_tau=spec.discopop_tau,
+        chosen_tokens_per_pair=chosen_tokens_per_pair,
+    )
     num_pairs = policy.shape[0]
-    total = jnp.zeros((), jnp.float32)
-    if pair_types:
-        _, metrics = losses.dpo_loss(
-            policy[:, 0],
-            policy[:, 1],
-            reference[:, 0],
-            reference[:, 1],
-            beta=spec.beta,
-            loss_type=[t for t, _ in pair_types],
-            loss_weights=[w for _, w in pair_types],
-            label_smoothing=spec.label_smoothing,
-            chosen_lengths=lengths[:, 0],
-            rejected_lengths=lengths[:, 1],
-            discopop_tau=spec.discopop_tau,
-        )
-        total = total + metrics["loss"] * num_pairs
-    else:
-        _, metrics = losses.dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], beta=spec.beta)
-    for loss_type, weight in zip(spec.loss_type, weights):
-        if loss_type == "sft":
-            total = total + weight * (-jnp.sum(policy[:, 0]) / chosen_tokens_per_pair)
-    summed = {key: metrics[key] * num_pairs for key in losses.DPO_METRIC_KEYS}
-    return total, summed
+    return loss * num_pairs, {key: metrics[key] * num_pairs for key in losses.DPO_METRIC_KEYS}
 
 
 def dpo_gradients(
@@ -249,9 +253,10 @@ def sft_eval_sums(params, batch: dict, *, logprob_fn: LogprobFn) -> dict:
 
 
 def dpo_eval_pairs(params, batch: dict, *, logprob_fn: LogprobFn, ref_params=None) -> dict:
-    """Per-pair policy/reference log-probs and lengths ``[B, 2]`` of an eval batch.
+    """Per-pair policy/reference log-probs and lengths ``[B, 2]`` of an eval batch, with its ``pair_mask``.
 
-    Aggregation happens on the host, where padding pairs are masked out.
+    Aggregation happens on the host, where padding pairs are masked out; the mask
+    travels with the outputs so that gathering keeps rows and mask aligned.
     """
     policy, lengths = pair_logps(logprob_fn, params, batch)
     if "ref_logps" in batch:
@@ -260,7 +265,7 @@ def dpo_eval_pairs(params, batch: dict, *, logprob_fn: LogprobFn, ref_params=Non
         reference = pair_logps(logprob_fn, ref_params, batch)[0]
     else:
         reference = jnp.zeros_like(policy)
-    return {"policy": policy, "reference": reference, "lengths": lengths}
+    return {"policy": policy, "reference": reference, "lengths": lengths, "pair_mask": batch["pair_mask"]}
 
 
 def dpo_eval_metrics(pairs: Sequence[dict], spec: DpoLossSpec) -> dict[str, float]:

@@ -23,12 +23,20 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxrlhf.config import ConfigError, dump_config, load_config
 from jaxrlhf.data import DataConfig, make_iterator
 from jaxrlhf.data import load_tokenizer
-from jaxrlhf.models import ModelConfig, config_from_hf, init_model, load_hf, make_logprob_fn, save_hf
+from jaxrlhf.models import (
+    ModelConfig,
+    config_from_hf,
+    default_chunk_size,
+    init_model,
+    load_hf,
+    make_logprob_fn,
+    save_hf,
+)
 from jaxrlhf.models.presets import preset
 from jaxrlhf.parallel.distributed import initialize_distributed
 from jaxrlhf.parallel.mesh import MeshConfig, make_mesh
 from jaxrlhf.train import steps
-from jaxrlhf.train.dry_run import dry_run, use_fake_devices
+from jaxrlhf.train.dry_run import abstract_train_state, dry_run, use_fake_devices
 from jaxrlhf.train.diagnostics import DpoStallWatcher, NonFiniteWatcher, ZeroGradientWatcher
 from jaxrlhf.train.checkpoint import CheckpointConfig, Checkpointer, abstract_like
 from jaxrlhf.train.loop import run_loop
@@ -133,21 +141,36 @@ class DpoArgs:
     reference_dtype: str = "bfloat16"
     """Storage dtype of the frozen reference parameters."""
 
-    def spec(self) -> steps.DpoLossSpec:
-        weights = None if self.loss_weights is None else tuple(self.loss_weights)
-        return steps.DpoLossSpec(
-            beta=self.beta,
-            loss_type=tuple(self.loss_type),
-            loss_weights=weights,
-            label_smoothing=self.label_smoothing,
-            discopop_tau=self.discopop_tau,
-        )
+    def spec(self, micro_batches: int = 1) -> steps.DpoLossSpec:
+        """The loss settings, checked: a mistake here is a ConfigError before any model is loaded."""
+        if self.reference not in ("model", "precomputed", "none"):
+            raise ConfigError(f"dpo.reference must be model, precomputed or none, got {self.reference!r}")
+        try:
+            spec = steps.DpoLossSpec(
+                beta=self.beta,
+                loss_type=tuple(self.loss_type),
+                loss_weights=None if self.loss_weights is None else tuple(self.loss_weights),
+                label_smoothing=self.label_smoothing,
+                discopop_tau=self.discopop_tau,
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if spec.sorts_across_batch and micro_batches > 1:
+            raise ConfigError(
+                f"dpo.loss_type {list(spec.loss_type)} sorts pairs across the batch, which micro-batches would "
+                "change: use micro_batches: 1 with aot losses"
+            )
+        return spec
 
 
 @dataclasses.dataclass
 class DpoConfig(TrainConfig):
     run_dir: str = "runs/dpo"
     dpo: DpoArgs = dataclasses.field(default_factory=DpoArgs)
+
+    def reference_model_path(self) -> str:
+        """The reference model's folder: dpo.reference_path, else the policy's starting point."""
+        return self.dpo.reference_path or self.model.path
 
 
 def model_config_of(args: ModelArgs, path: str, *, param_dtype: str, tokenizer: str = "") -> ModelConfig:
@@ -207,6 +230,21 @@ def estimated_steps(config: TrainConfig, task: str) -> int:
     return batches * config.data.num_epochs
 
 
+def lm_head_chunk_size(config: TrainConfig, task: str, mesh, vocab_size: int) -> int:
+    """``model.chunk_size``, or about 256 MiB of logits per chunk *per device*.
+
+    Inside jit the arrays have their global shapes, so the automatic default would
+    see the whole global batch and make chunks (and scan steps) far too small.
+    """
+    if config.model.chunk_size > 0:
+        return config.model.chunk_size
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = max(config.data.batch_size // max(config.micro_batches, 1) // data_parallel, 1) * (2 if task == "dpo" else 1)
+    tensor = mesh.shape["tensor"]
+    vocab = vocab_size // tensor if vocab_size % tensor == 0 else vocab_size
+    return default_chunk_size(rows, vocab)
+
+
 def _reporter(found: list[str]):
     """Print a diagnosis where the user sees it and keep it for summary.json."""
 
@@ -246,12 +284,14 @@ class _Run:
         self.task = task
         self.run_dir = pathlib.Path(config.run_dir)
         self.mesh = make_mesh(config.mesh)
-        if jax.process_index() == 0:
-            dump_config(config, self.run_dir / "config.yaml")
         self.graphdef, self.model_config, self.state, self.tx, self.schedule, self.total_steps = build_state(
             config, self.mesh, task
         )
-        self.logprob_fn = make_logprob_fn(self.graphdef, chunk_size=config.model.chunk_size or None)
+        if jax.process_index() == 0:
+            dump_config(config, self.run_dir / "config.yaml")
+        self.logprob_fn = make_logprob_fn(
+            self.graphdef, chunk_size=lm_head_chunk_size(config, task, self.mesh, self.model_config.vocab_size)
+        )
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         self.train_data = make_iterator(config.data, task=task, split="train")
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.checkpoint)
@@ -259,7 +299,12 @@ class _Run:
         self.host_transform = None
         self.start_step = 0
         latest = self.checkpointer.latest_step
-        if config.checkpoint.resume and latest is not None:
+        if latest is not None and not config.checkpoint.resume:
+            raise ConfigError(
+                f"{self.run_dir} already has checkpoints (newest: step {latest}) and checkpoint.resume is false: "
+                "use a new run_dir, or resume"
+            )
+        if latest is not None:
             self.state, data_state = self.checkpointer.restore(latest, abstract_like(self.state))
             if data_state is not None:
                 self.train_data.set_state(data_state)
@@ -272,12 +317,11 @@ class _Run:
         return bool(self.config.data.eval) or self.config.data.eval_fraction > 0
 
     def eval_batches(self):
-        """(host rows of this process, global device batch) for every eval batch."""
+        """Every eval batch as global device arrays (DPO batches keep their ``pair_mask``)."""
         for batch in make_iterator(self.config.data, task=self.task, split="eval"):
-            device_batch = {k: v for k, v in batch.items() if k != "pair_mask"}
             if self.host_transform is not None:
-                device_batch = self.host_transform(device_batch, pair_mask=batch.get("pair_mask"))
-            yield batch, place_batch(device_batch, self.sharding_for)
+                batch = self.host_transform(batch, pair_mask=batch.get("pair_mask"))
+            yield place_batch(batch, self.sharding_for)
 
     def watchers(self, extra=()) -> tuple:
         watchers = [NonFiniteWatcher(lambda: self.checkpointer.latest_step)]
@@ -348,7 +392,9 @@ def _dry_run(config: TrainConfig, task: str) -> dict:
         # cuDNN kernels do not compile for CPU; XLA's attention holds the [T, T] scores, so this overestimates.
         print("dry run on CPU devices: attention_impl cudnn -> xla (temporaries are an upper bound)")
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, attention_impl="xla"))
-    return dry_run(config, task, model_config_of=model_config_of, total_steps=config.max_steps or 1000)
+    return dry_run(
+        config, task, model_config_of=model_config_of, chunk_size_of=lm_head_chunk_size, total_steps=config.max_steps or 1000
+    )
 
 
 def run_sft(config: SftConfig) -> dict:
@@ -368,7 +414,7 @@ def run_sft(config: SftConfig) -> dict:
 
     def evaluate(state) -> dict[str, float]:
         nll, tokens = 0.0, 0.0
-        for _, batch in run.eval_batches():
+        for batch in run.eval_batches():
             sums = jax.device_get(eval_sums(state.params, batch))
             nll += float(sums["nll_sum"])
             tokens += float(sums["trained_tokens"])
@@ -381,20 +427,16 @@ def _reference_folder(config: DpoConfig) -> str:
     return config.dpo.reference_logps or str(pathlib.Path(config.run_dir) / "ref_logps")
 
 
-def _reference_model_path(config: DpoConfig) -> str:
-    return config.dpo.reference_path or config.model.path
-
-
 def run_dpo(config: DpoConfig) -> dict:
+    spec = config.dpo.spec(config.micro_batches)
     if config.dry_run:
         return _dry_run(config, "dpo")
     run = _Run(config, "dpo")
-    spec = config.dpo.spec()
     ref_params = None
     if config.dpo.reference == "model":
         reference, _ = _load_model(
             config.model,
-            _reference_model_path(config),
+            config.reference_model_path(),
             run.mesh,
             param_dtype=config.dpo.reference_dtype,
             tokenizer=config.data.tokenizer,
@@ -403,7 +445,7 @@ def run_dpo(config: DpoConfig) -> dict:
     elif config.dpo.reference == "precomputed":
         table = ReferenceTable(
             _reference_folder(config),
-            model_path=_reference_model_path(config),
+            model_path=config.reference_model_path(),
             tokenizer_path=config.data.tokenizer,
             data=config.data,
         )
@@ -412,8 +454,6 @@ def run_dpo(config: DpoConfig) -> dict:
             return {**batch, "ref_logps": table.lookup(batch, pair_mask=pair_mask)}
 
         run.host_transform = add_reference
-    elif config.dpo.reference != "none":
-        raise ConfigError(f"dpo.reference must be model, precomputed or none, got {config.dpo.reference!r}")
     step = run.jit_step(
         functools.partial(
             steps.dpo_step,
@@ -427,12 +467,11 @@ def run_dpo(config: DpoConfig) -> dict:
     eval_pairs = jax.jit(functools.partial(steps.dpo_eval_pairs, logprob_fn=run.logprob_fn))
 
     def evaluate(state) -> dict[str, float]:
-        pairs = []
-        for host_batch, batch in run.eval_batches():
-            # Every process gathers all pairs (and their padding mask) so the metrics are global.
-            out = multihost_utils.process_allgather(eval_pairs(state.params, batch, ref_params=ref_params), tiled=True)
-            pair_mask = multihost_utils.process_allgather(host_batch["pair_mask"], tiled=True)
-            pairs.append({**out, "pair_mask": pair_mask})
+        # Every process gathers all pairs (with their padding mask) so the metrics are global.
+        pairs = [
+            multihost_utils.process_allgather(eval_pairs(state.params, batch, ref_params=ref_params), tiled=True)
+            for batch in run.eval_batches()
+        ]
         return steps.dpo_eval_metrics(pairs, spec)
 
     stall = DpoStallWatcher(
@@ -463,15 +502,21 @@ def run_export(config: ExportConfig) -> pathlib.Path:
         raise ConfigError(f"{run_dir / 'config.yaml'} not found: --run_dir must be a directory written by jaxrlhf sft/dpo")
     # DpoConfig is a superset of SftConfig, so either run's config.yaml loads into it.
     train_config = load_config(DpoConfig, run_dir / "config.yaml")
-    mesh = make_mesh(train_config.mesh)
-    # Only the state's structure matters here, so skip counting the data.
-    train_config = dataclasses.replace(train_config, max_steps=train_config.max_steps or 1)
-    graphdef, model_config, state, _, _, _ = build_state(train_config, mesh, "sft")
+    # Export needs none of the training mesh: all local devices, parameters sharded over them.
+    mesh = make_mesh(MeshConfig())
+    model_config = model_config_of(
+        train_config.model,
+        train_config.model.path,
+        param_dtype=train_config.model.param_dtype,
+        tokenizer=train_config.data.tokenizer,
+    )
+    tx, _ = make_optimizer(train_config.optim, max(train_config.max_steps, 1))
+    graphdef, abstract_state = abstract_train_state(model_config, tx, mesh)
     checkpointer = Checkpointer(run_dir / "checkpoints", dataclasses.replace(train_config.checkpoint, async_save=False))
     step = config.step or checkpointer.latest_step
     if step is None:
         raise ConfigError(f"no checkpoint in {run_dir / 'checkpoints'}")
-    state, _ = checkpointer.restore(step, abstract_like(state))
+    state, _ = checkpointer.restore(step, abstract_state, with_data=False)
     checkpointer.close()
     out = pathlib.Path(config.out) if config.out else run_dir / f"hf-step{step}"
     export_model(graphdef, state.params, model_config, out, train_config)
@@ -484,23 +529,26 @@ def run_precompute_ref(config: DpoConfig) -> pathlib.Path:
     d = config.distributed
     initialize_distributed(d.coordinator_address, d.num_processes, d.process_id, force=d.force)
     mesh = make_mesh(config.mesh)
-    model_path = _reference_model_path(config)
-    reference, _ = _load_model(
+    model_path = config.reference_model_path()
+    reference, ref_config = _load_model(
         config.model, model_path, mesh, param_dtype=config.dpo.reference_dtype, tokenizer=config.data.tokenizer
     )
     graphdef, ref_params = nnx.split(reference)
-    logprob_fn = make_logprob_fn(graphdef, chunk_size=config.model.chunk_size or None)
+    chunk_size = lm_head_chunk_size(config, "dpo", mesh, ref_config.vocab_size)
+    logprob_fn = make_logprob_fn(graphdef, chunk_size=chunk_size)
     pair_logps = jax.jit(lambda params, batch: steps.pair_logps(logprob_fn, params, batch)[0])
+    rows = PartitionSpec(("data", "fsdp"), None)
     keys, logps = [], []
     with jax.set_mesh(mesh):
         for batch in make_iterator(all_pairs_config(config.data), task="dpo", split="eval"):
             real = batch.pop("pair_mask").astype(bool)
             device_batch = place_batch(batch, lambda key, value: batch_sharding(mesh, np.ndim(value)))
-            local = np.asarray(multihost_utils.process_allgather(pair_logps(ref_params, device_batch), tiled=True))
-            # This process's rows are its slice of the gathered global batch.
-            start = jax.process_index() * real.shape[0]
+            # Back to this process's own rows, in the order it placed them.
+            local = np.asarray(
+                multihost_utils.global_array_to_host_local_array(pair_logps(ref_params, device_batch), mesh, rows)
+            )
             keys.append(pair_keys(batch)[real])
-            logps.append(local[start : start + real.shape[0]][real])
+            logps.append(local[real])
     folder = pathlib.Path(_reference_folder(config))
     write_reference(
         folder,
