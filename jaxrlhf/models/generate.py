@@ -36,14 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrlhf.config import ConfigError, load_config
+from jaxrlhf.config import ConfigError
 from jaxrlhf.data.chat import render, template_text
 from jaxrlhf.data.errors import DataError, Origin
 from jaxrlhf.data.tokenizer import load_tokenizer, pad_id
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.decoder import Decoder, KVCache
 from jaxrlhf.models.hf_io import end_of_turn_token_id, load_hf
-from jaxrlhf.parallel.mesh import make_mesh
 
 __all__ = [
     "GenerateConfig",
@@ -282,32 +281,15 @@ def read_prompts(path: str | pathlib.Path) -> list[list[dict]]:
 def _restore_run(config: GenerateConfig) -> tuple[Decoder, ModelConfig, dict]:
     """The policy of a run checkpoint (restored as `jaxrlhf export` does) and the run's data/model settings."""
     # Imported here: the trainer builds on this package, not the other way round.
-    from jaxrlhf.train.checkpoint import Checkpointer, abstract_like
-    from jaxrlhf.train.trainer import DpoConfig, build_state
+    from jaxrlhf.train.trainer import restore_policy
 
-    run_dir = pathlib.Path(config.run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise ConfigError(f"{run_dir / 'config.yaml'} not found: --run_dir must be written by jaxrlhf sft/dpo")
-    # DpoConfig is a superset of SftConfig, so either run's config.yaml loads into it.
-    train = load_config(DpoConfig, run_dir / "config.yaml")
-    # Only the state's structure matters here: a step count skips counting the data.
-    model_args = dataclasses.replace(train.model, dtype=config.dtype or train.model.dtype)
-    train = dataclasses.replace(train, max_steps=train.max_steps or 1, model=model_args)
-    graphdef, model_config, state, *_ = build_state(train, make_mesh(train.mesh), "sft")
-    checkpointer = Checkpointer(run_dir / "checkpoints", dataclasses.replace(train.checkpoint, async_save=False))
-    try:
-        step = config.step or checkpointer.latest_step
-        if step is None:
-            raise ConfigError(f"no checkpoint in {run_dir / 'checkpoints'}")
-        state, _ = checkpointer.restore(step, abstract_like(state))
-    finally:
-        checkpointer.close()
+    model, model_config, train, _ = restore_policy(config.run_dir, config.step, dtype=config.dtype or None)
     settings = {
         "tokenizer": train.data.tokenizer,
         "chat_template": train.data.chat_template,
         "model_folder": train.model.path,
     }
-    return nnx.merge(graphdef, state.params), model_config, settings
+    return model, model_config, settings
 
 
 def _load_folder(config: GenerateConfig) -> tuple[Decoder, ModelConfig, dict]:

@@ -495,32 +495,43 @@ class ExportConfig:
     """Output folder; empty = <run_dir>/hf-step<N>."""
 
 
-def run_export(config: ExportConfig) -> pathlib.Path:
-    """Checkpoint of a run -> Hugging Face folder (config.json, safetensors, tokenizer, generation_config)."""
-    run_dir = pathlib.Path(config.run_dir)
+def restore_policy(run_dir: str | pathlib.Path, step: int = 0, *, dtype: str | None = None):
+    """The policy saved in a run's checkpoint: ``(model, model_config, train_config, step)``.
+
+    ``step`` 0 means the newest. Parameters are restored straight onto all local
+    devices (FSDP over them, whatever mesh the run trained on); neither the base
+    weights nor the optimizer moments are materialised first. ``dtype`` overrides
+    the compute dtype.
+    """
+    run_dir = pathlib.Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise ConfigError(f"{run_dir / 'config.yaml'} not found: --run_dir must be a directory written by jaxrlhf sft/dpo")
     # DpoConfig is a superset of SftConfig, so either run's config.yaml loads into it.
     train_config = load_config(DpoConfig, run_dir / "config.yaml")
-    # Export needs none of the training mesh: all local devices, parameters sharded over them.
     mesh = make_mesh(MeshConfig())
+    model_args = dataclasses.replace(train_config.model, dtype=dtype or train_config.model.dtype)
     model_config = model_config_of(
-        train_config.model,
-        train_config.model.path,
-        param_dtype=train_config.model.param_dtype,
-        tokenizer=train_config.data.tokenizer,
+        model_args, model_args.path, param_dtype=model_args.param_dtype, tokenizer=train_config.data.tokenizer
     )
     tx, _ = make_optimizer(train_config.optim, max(train_config.max_steps, 1))
     graphdef, abstract_state = abstract_train_state(model_config, tx, mesh)
     checkpointer = Checkpointer(run_dir / "checkpoints", dataclasses.replace(train_config.checkpoint, async_save=False))
-    step = config.step or checkpointer.latest_step
-    if step is None:
-        raise ConfigError(f"no checkpoint in {run_dir / 'checkpoints'}")
-    state, _ = checkpointer.restore(step, abstract_state, with_data=False)
-    checkpointer.close()
-    out = pathlib.Path(config.out) if config.out else run_dir / f"hf-step{step}"
-    export_model(graphdef, state.params, model_config, out, train_config)
-    print(f"exported step {step} of {run_dir} to {out}")
+    try:
+        step = step or checkpointer.latest_step
+        if step is None:
+            raise ConfigError(f"no checkpoint in {run_dir / 'checkpoints'}")
+        state, _ = checkpointer.restore(step, abstract_state, with_data=False)
+    finally:
+        checkpointer.close()
+    return nnx.merge(graphdef, state.params), model_config, train_config, step
+
+
+def run_export(config: ExportConfig) -> pathlib.Path:
+    """Checkpoint of a run -> Hugging Face folder (config.json, safetensors, tokenizer, generation_config)."""
+    model, model_config, train_config, step = restore_policy(config.run_dir, config.step)
+    out = pathlib.Path(config.out) if config.out else pathlib.Path(config.run_dir) / f"hf-step{step}"
+    save_hf(model, model_config, out, tokenizer=train_config.data.tokenizer or None)
+    print(f"exported step {step} of {config.run_dir} to {out}")
     return out
 
 
