@@ -20,6 +20,7 @@ from rich.table import Table
 from jaxrlhf.data import DataConfig, DatasetConfig, asset_path
 from jaxrlhf.models.presets import InitModelConfig, run_init_model
 from jaxrlhf.train.optim import OptimConfig
+from jaxrlhf.train.plot import plot_run
 from jaxrlhf.train.sinks import LoggingConfig
 from jaxrlhf.train.trainer import DpoArgs, DpoConfig, ModelArgs, SftConfig, run_dpo, run_sft
 
@@ -100,8 +101,10 @@ def run(config: DemoConfig) -> int:
             "DPO", label, f"{dpo_evals[0]['eval/' + key]:.3f}", f"{dpo_evals[-1]['eval/' + key]:.3f}"
         )
     console.print(table)
+    plots = [*plot_run(sft.run_dir), *plot_run(dpo.run_dir)]
     console.print(
-        f"runs: {sft.run_dir} and {dpo.run_dir} (metrics.jsonl, tensorboard/, checkpoints/, hf/ loadable by transformers)"
+        f"runs: {sft.run_dir} and {dpo.run_dir} (metrics.jsonl, tensorboard/, checkpoints/, hf/ loadable by "
+        f"transformers); {len(plots)} plots in their plots/ folders"
     )
     learned = (
         sft_evals[-1]["eval/loss"] < 0.8 * sft_evals[0]["eval/loss"] and dpo_evals[-1]["eval/rewards/accuracies"] > 0.75
