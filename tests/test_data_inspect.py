@@ -107,7 +107,7 @@ def test_assets_are_reproducible_small_and_learnable():
 
 
 def test_inspect_data_reads_a_yaml_run_config(tmp_path, capsys):
-    sft = write_jsonl(tmp_path / "sft.jsonl", read_jsonl(asset_path("sft.jsonl"))[:10])
+    write_jsonl(tmp_path / "sft.jsonl", read_jsonl(asset_path("sft.jsonl"))[:10])
     conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     extra = write_jsonl(tmp_path / "extra.jsonl", [{"conversation": conversation}])
     config = tmp_path / "run.yaml"
