@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import os
 import pathlib
 import pickle
 import resource
@@ -74,6 +75,7 @@ def build_model(config: ModelConfig, *, dtype: str, device):
 
     hf = config_to_hf(config, dtype=dtype)
     hf.pop("architectures")
+    hf["use_cache"] = False  # training: no KV cache (TRL turns it off too)
     hf_config = transformers.AutoConfig.for_model(**hf)
     with torch.device(device):
         return transformers.AutoModelForCausalLM.from_config(
@@ -186,6 +188,7 @@ def run_job(job: HfJob) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
+        "load_average_end": os.getloadavg(),
         "params": sum(p.numel() for p in model.parameters()),
     }
 

@@ -11,8 +11,9 @@ Measurements (``--measure``, any of):
   GPU/TPU the allocator's peak; then DPO's cost per token relative to SFT's.
 - ``logprobs``: the SFT step with the chunked LM head against the full-logits
   path, for each of ``--logprob_vocabs``.
-- ``hf``: the same SFT and DPO steps in transformers + PyTorch (``hf_torch``),
-  each in a fresh process, run before JAX touches the device.
+- ``hf``: the same SFT and/or DPO steps (those measured, both if neither is) in
+  transformers + PyTorch (``hf_torch``), each in a fresh process, run before JAX
+  touches the device.
 - ``fit``: the longest sequence whose SFT step fits ``--fit_budget_gib`` (default:
   the device's allocator limit), chunked and full logits (``fit``).
 
@@ -158,8 +159,8 @@ class _Bench:
             load_average_start=os.getloadavg(),
         )
 
-    def model_flops(self, task: str, config: ModelConfig | None = None, *, seq_len: int | None = None) -> int:
-        config, b, t = config or self.config, self.cfg.batch, seq_len or self.cfg.seq_len
+    def model_flops(self, task: str, config: ModelConfig | None = None) -> int:
+        config, b, t = config or self.config, self.cfg.batch, self.cfg.seq_len
         if task == "sft":
             return flops.sft_step_flops(config, b, t)
         return flops.dpo_step_flops(config, b // 2, t, reference=task == "dpo")
@@ -320,7 +321,8 @@ class _Bench:
         if "hf" not in cfg.measure:
             return
         rows = {}
-        for task in ("sft", "dpo"):
+        # The PyTorch twin of each of our steps measured in this run (both when neither is).
+        for task in [t for t in ("sft", "dpo") if t in cfg.measure] or ["sft", "dpo"]:
             job = HfJob(
                 model_config=self.config,
                 task=task,
