@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import os
@@ -180,13 +181,18 @@ class _Bench:
     # -- our steps ---------------------------------------------------------------------------
 
     def measure_ours(self, name: str, compile_step, policy: Policy, *args, step_flops: int) -> dict:
-        """Compile with ``compile_step()``, then time the step; an out-of-memory is a result, not a crash."""
+        """Compile with ``compile_step()``, then time the step.
+
+        A failure (out of memory, a kernel this device lacks) is recorded as the
+        measurement's result and the run goes on: one GPU run must return every
+        number it can.
+        """
         try:
             compiled = compile_step()
             memory = compiled_memory(compiled)
             timing = time_calls(step_caller(compiled, policy, *args), warmup=self.cfg.warmup, repeats=self.cfg.repeats)
-        except jax.errors.JaxRuntimeError as e:
-            return self.progress(name, {"error": _first_line(e)})
+        except Exception as e:
+            return self.progress(name, {"error": f"{type(e).__name__}: {_first_line(e)}"})
         row = {
             "step": timing.as_dict(),
             **self.rates(timing.median, step_flops),
@@ -219,7 +225,7 @@ class _Bench:
             batch = place(sft_batch(cfg.batch, cfg.seq_len, vocab, seed=cfg.seed), self.mesh)
             self.results["sft"] = self.measure_ours(
                 "ours sft",
-                lambda: compile_sft(policy, batch, chunk_size=self.chunk_size()),
+                functools.partial(compile_sft, policy, batch, chunk_size=self.chunk_size()),
                 policy,
                 batch,
                 step_flops=self.model_flops("sft"),
@@ -230,7 +236,7 @@ class _Bench:
             batch = place(dpo_batch(cfg.batch // 2, cfg.seq_len, vocab, seed=cfg.seed), self.mesh)
             self.results["dpo"] = self.measure_ours(
                 "ours dpo",
-                lambda: compile_dpo(policy, batch, spec, reference, chunk_size=self.chunk_size()),
+                functools.partial(compile_dpo, policy, batch, spec, reference, chunk_size=self.chunk_size()),
                 policy,
                 batch,
                 reference,
@@ -241,7 +247,7 @@ class _Bench:
             batch = place(dpo_batch(cfg.batch // 2, cfg.seq_len, vocab, seed=cfg.seed, ref_logps=True), self.mesh)
             self.results["dpo_precomputed"] = self.measure_ours(
                 "ours dpo_precomputed",
-                lambda: compile_dpo(policy, batch, spec, None, chunk_size=self.chunk_size()),
+                functools.partial(compile_dpo, policy, batch, spec, None, chunk_size=self.chunk_size()),
                 policy,
                 batch,
                 None,
@@ -263,7 +269,7 @@ class _Bench:
                 path = "chunked" if chunked else "full"
                 rows[f"{vocab}/{path}"] = self.measure_ours(
                     f"ours sft, vocab {vocab}, {path}",
-                    lambda: compile_sft(policy, batch, chunked=chunked, chunk_size=self.chunk_size()),
+                    functools.partial(compile_sft, policy, batch, chunked=chunked, chunk_size=self.chunk_size()),
                     policy,
                     batch,
                     step_flops=self.model_flops("sft", config),
@@ -286,7 +292,9 @@ class _Bench:
             def bytes_at(length: int) -> int:
                 shapes = abstract_sft_batch(cfg.fit_batch, length, self.mesh)
                 compiled = compile_sft(policy, shapes, chunked=chunked, chunk_size=self.chunk_size())
-                return compiled_memory(compiled)["total_bytes"]
+                total = compiled_memory(compiled)["total_bytes"]
+                self.console.print(f"fit probe, {'chunked' if chunked else 'full'} logits, length {length}: {total / 2**30:.2f} GiB")
+                return total
 
             result = longest_fit(
                 bytes_at,
@@ -301,8 +309,6 @@ class _Bench:
             fit["chunked" if chunked else "full"] = entry
             self.console.print(f"fit, {'chunked' if chunked else 'full'} logits: {entry}")
         self.results["fit"] = fit
-        del policy
-        gc.collect()
 
     def _try_step(self, policy: Policy, length: int, chunked: bool) -> str:
         cfg = self.cfg
