@@ -55,7 +55,8 @@ install() {
     return 1
   fi
   # --no-index: nothing is fetched; pip keeps every installed package that satisfies a requirement.
-  "$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" -r "$WHEELS/requirements.txt"
+  "$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" -r "$WHEELS/requirements.txt" &&
+    echo "install: $(tr '\n' ' ' < "$WHEELS/requirements.txt")from $WHEELS"
 }
 
 env_report() {
