@@ -84,7 +84,8 @@ def chunked_token_logprobs(
 ) -> jax.Array:
     """``token_logprobs(hidden @ lm_head, tokens)`` without ever holding ``[B, T, V]``.
 
-    The sequence is processed ``chunk_size`` positions at a time; a custom VJP
+    The sequence is processed at most ``chunk_size`` positions at a time (the chunks
+    evened out so that little padding is computed); a custom VJP
     recomputes each chunk's logits in the backward pass, so the temporaries are
     ``B * chunk_size * V`` floats in both directions. Matmuls accumulate in f32
     (bf16 ``hidden``/``lm_head`` are fine); gradients come back in the inputs' dtypes.
@@ -98,7 +99,10 @@ def chunked_token_logprobs(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     next_tokens, next_valid = _next_token_targets(tokens, segment_ids)
-    source_lp = _chunked_source_logprobs(hidden, lm_head, next_tokens.astype(jnp.int32), next_valid, min(chunk_size, tokens.shape[1]))
+    length = tokens.shape[1]
+    # Same number of chunks, evened out: T=512 at chunk_size 441 runs 2 x 256, not 2 x 441 with 370 padded rows.
+    chunk_size = -(-length // -(-length // min(chunk_size, length)))
+    source_lp = _chunked_source_logprobs(hidden, lm_head, next_tokens.astype(jnp.int32), next_valid, chunk_size)
     return _to_target_index(source_lp)
 
 
