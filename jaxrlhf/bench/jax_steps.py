@@ -47,7 +47,8 @@ def full_logits_logprob_fn(graphdef: nnx.GraphDef):
 
     def logprob_fn(params, tokens, positions, segment_ids):
         model = nnx.merge(graphdef, params)
-        hidden = model(tokens, positions=positions, segment_ids=segment_ids)
+        # One example per row, as in the chunked path: no segment mask in attention.
+        hidden = model(tokens, positions=positions, segment_ids=None)
         return logprobs.token_logprobs(hidden @ model.lm_head_matrix(), tokens, segment_ids=segment_ids)
 
     return logprob_fn
@@ -66,7 +67,8 @@ class Policy:
 
     def logprob_fn(self, *, chunked: bool, chunk_size: int | None = None):
         if chunked:
-            return make_logprob_fn(self.graphdef, chunk_size=chunk_size)
+            # Benchmark rows hold one example each (padded like DPO rows): the trainer's unpacked path.
+            return make_logprob_fn(self.graphdef, chunk_size=chunk_size, packed=False)
         return full_logits_logprob_fn(self.graphdef)
 
     def jit(self, fn):

@@ -71,11 +71,19 @@ def token_logprobs(
     return chunked_token_logprobs(hidden, lm_head, tokens, chunk_size=chunk_size, segment_ids=segment_ids)
 
 
-def make_logprob_fn(graphdef: nnx.GraphDef, *, chunk_size: int | None = None):
-    """``(params, tokens, positions, segment_ids) -> token_lp`` for ``graphdef, params = nnx.split(model)``."""
+def make_logprob_fn(graphdef: nnx.GraphDef, *, chunk_size: int | None = None, packed: bool = True):
+    """``(params, tokens, positions, segment_ids) -> token_lp`` for ``graphdef, params = nnx.split(model)``.
+
+    ``packed=False`` promises rows of one right-padded example each: causal attention
+    alone then keeps every real token off the padding after it, so the decoder runs
+    without a segment mask (the mask-free, cuDNN-friendly path). ``segment_ids``
+    still zero the log-probs of padding either way.
+    """
 
     def logprob_fn(params, tokens, positions, segment_ids):
         model = nnx.merge(graphdef, params)
-        return token_logprobs(model, tokens, positions=positions, segment_ids=segment_ids, chunk_size=chunk_size)
+        hidden = model(tokens, positions=positions, segment_ids=segment_ids if packed else None)
+        chunk = chunk_size or default_chunk_size(tokens.shape[0], model.config.vocab_size)
+        return chunked_token_logprobs(hidden, model.lm_head_matrix(), tokens, chunk_size=chunk, segment_ids=segment_ids)
 
     return logprob_fn

@@ -70,7 +70,7 @@ def abstract_train_state(model_config, tx, mesh):
     return graphdef, state
 
 
-def dry_run(config, task: str, *, model_config_of, chunk_size_of, total_steps: int) -> dict:
+def dry_run(config, task: str, *, model_config_of, chunk_size_of, packed: bool, total_steps: int) -> dict:
     """Compile the step of ``config`` and return (and print) the per-device memory plan in bytes."""
     mesh = make_mesh(config.mesh)
     param_dtype = config.model.param_dtype
@@ -84,7 +84,8 @@ def dry_run(config, task: str, *, model_config_of, chunk_size_of, total_steps: i
         key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, len(shape)))
         for key in ("tokens", "loss_mask", "segment_ids", "positions")
     }
-    logprob_fn = make_logprob_fn(graphdef, chunk_size=chunk_size_of(config, task, mesh, model_config.vocab_size))
+    chunk_size = chunk_size_of(config, task, mesh, model_config.vocab_size)
+    logprob_fn = make_logprob_fn(graphdef, chunk_size=chunk_size, packed=packed)
     reference_bytes = 0
     if task == "sft":
         step = functools.partial(

@@ -230,6 +230,11 @@ def estimated_steps(config: TrainConfig, task: str) -> int:
     return batches * config.data.num_epochs
 
 
+def rows_are_packed(config: TrainConfig, task: str) -> bool:
+    """Whether rows may hold several examples; padded rows (DPO always) need no segment mask in attention."""
+    return task == "sft" and config.data.packing != "none"
+
+
 def lm_head_chunk_size(config: TrainConfig, task: str, mesh, vocab_size: int) -> int:
     """``model.chunk_size``, or about 256 MiB of logits per chunk *per device*.
 
@@ -290,7 +295,9 @@ class _Run:
         if jax.process_index() == 0:
             dump_config(config, self.run_dir / "config.yaml")
         self.logprob_fn = make_logprob_fn(
-            self.graphdef, chunk_size=lm_head_chunk_size(config, task, self.mesh, self.model_config.vocab_size)
+            self.graphdef,
+            chunk_size=lm_head_chunk_size(config, task, self.mesh, self.model_config.vocab_size),
+            packed=rows_are_packed(config, task),
         )
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         self.train_data = make_iterator(config.data, task=task, split="train")
@@ -393,7 +400,12 @@ def _dry_run(config: TrainConfig, task: str) -> dict:
         print("dry run on CPU devices: attention_impl cudnn -> xla (temporaries are an upper bound)")
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, attention_impl="xla"))
     return dry_run(
-        config, task, model_config_of=model_config_of, chunk_size_of=lm_head_chunk_size, total_steps=config.max_steps or 1000
+        config,
+        task,
+        model_config_of=model_config_of,
+        chunk_size_of=lm_head_chunk_size,
+        packed=rows_are_packed(config, task),
+        total_steps=config.max_steps or 1000,
     )
 
 
@@ -546,7 +558,7 @@ def run_precompute_ref(config: DpoConfig) -> pathlib.Path:
     )
     graphdef, ref_params = nnx.split(reference)
     chunk_size = lm_head_chunk_size(config, "dpo", mesh, ref_config.vocab_size)
-    logprob_fn = make_logprob_fn(graphdef, chunk_size=chunk_size)
+    logprob_fn = make_logprob_fn(graphdef, chunk_size=chunk_size, packed=False)
     pair_logps = jax.jit(lambda params, batch: steps.pair_logps(logprob_fn, params, batch)[0])
     rows = PartitionSpec(("data", "fsdp"), None)
     keys, logps = [], []
