@@ -27,12 +27,12 @@ from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.ops import logprobs
 from jaxrlhf.train import steps
 from jaxrlhf.train.optim import OptimConfig, make_optimizer
-from jaxrlhf.train.prefetch import batch_sharding, place_batch
+from jaxrlhf.train.prefetch import batch_sharding, place_batch, rows_sharded
 
 
 def place(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Host batch -> global arrays with the trainer's batch sharding."""
-    return place_batch(batch, lambda key, value: batch_sharding(mesh, np.ndim(value)))
+    return place_batch(batch, rows_sharded(mesh))
 
 
 def abstract_sft_batch(rows: int, seq_len: int, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:

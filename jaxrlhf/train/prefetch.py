@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 _END = object()
 
@@ -83,6 +83,9 @@ class DevicePrefetcher:
 
 def batch_sharding(mesh, ndim: int) -> NamedSharding:
     """Rows over every data-parallel axis; the pair axis and the sequence stay whole."""
-    from jax.sharding import PartitionSpec as P
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
-    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+def rows_sharded(mesh):
+    """The ``sharding_for(key, array)`` of ``place_batch``/``DevicePrefetcher``: every key by its rows."""
+    return lambda key, value: batch_sharding(mesh, np.ndim(value))

@@ -42,7 +42,7 @@ from jaxrlhf.train.checkpoint import CheckpointConfig, Checkpointer, abstract_li
 from jaxrlhf.train.loop import run_loop
 from jaxrlhf.train.optim import OptimConfig, init_opt_state, make_optimizer
 from jaxrlhf.train.reference import ReferenceTable, all_pairs_config, pair_keys, write_reference
-from jaxrlhf.train.prefetch import DevicePrefetcher, batch_sharding, place_batch
+from jaxrlhf.train.prefetch import DevicePrefetcher, batch_sharding, place_batch, rows_sharded
 from jaxrlhf.train.sinks import LoggingConfig, MetricSinks, ProgressBar
 
 
@@ -300,6 +300,7 @@ class _Run:
             packed=rows_are_packed(config, task),
         )
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+        self.sharding_for = rows_sharded(self.mesh)
         self.train_data = make_iterator(config.data, task=task, split="train")
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.checkpoint)
         self.diagnoses: list[str] = []
@@ -317,8 +318,6 @@ class _Run:
                 self.train_data.set_state(data_state)
             self.start_step = int(self.state.step)
 
-    def sharding_for(self, key: str, value: np.ndarray):
-        return batch_sharding(self.mesh, np.ndim(value))
 
     def has_eval(self) -> bool:
         return bool(self.config.data.eval) or self.config.data.eval_fraction > 0
@@ -560,15 +559,16 @@ def run_precompute_ref(config: DpoConfig) -> pathlib.Path:
     chunk_size = lm_head_chunk_size(config, "dpo", mesh, ref_config.vocab_size)
     logprob_fn = make_logprob_fn(graphdef, chunk_size=chunk_size, packed=False)
     pair_logps = jax.jit(lambda params, batch: steps.pair_logps(logprob_fn, params, batch)[0])
-    rows = PartitionSpec(("data", "fsdp"), None)
     keys, logps = [], []
     with jax.set_mesh(mesh):
         for batch in make_iterator(all_pairs_config(config.data), task="dpo", split="eval"):
             real = batch.pop("pair_mask").astype(bool)
-            device_batch = place_batch(batch, lambda key, value: batch_sharding(mesh, np.ndim(value)))
+            device_batch = place_batch(batch, rows_sharded(mesh))
             # Back to this process's own rows, in the order it placed them.
             local = np.asarray(
-                multihost_utils.global_array_to_host_local_array(pair_logps(ref_params, device_batch), mesh, rows)
+                multihost_utils.global_array_to_host_local_array(
+                    pair_logps(ref_params, device_batch), mesh, batch_sharding(mesh, 2).spec
+                )
             )
             keys.append(pair_keys(batch)[real])
             logps.append(local[real])
