@@ -1,8 +1,9 @@
 """The ``jaxrlhf`` command: ``jaxrlhf COMMAND [--config_path X.yaml] [--dotted.key value ...]``.
 
-Each command is a typed config class and a function that runs it; adding a
-command is adding a row to ``COMMANDS``. Modules are imported lazily so that
-``jaxrlhf --help`` does not pay for jax.
+Each command is a typed config class and a function that runs it, in its own
+module of ``jaxrlhf.commands``; adding a command is adding a row to
+``COMMANDS``. Modules are imported lazily so that ``jaxrlhf --help`` does not
+pay for jax.
 """
 
 from __future__ import annotations
@@ -14,17 +15,17 @@ from collections.abc import Sequence
 
 # name -> (module, config class, run function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "demo": ("jaxrlhf.train.demo", "DemoConfig", "run", "SFT then DPO of a tiny model on CPU, showing that it learned"),
-    "mask-demo": ("jaxrlhf.mask_demo", "DemoConfig", "run", "the loss-mask bugs other projects shipped, side by side with ours"),
-    "sft": ("jaxrlhf.train.trainer", "SftConfig", "run_sft", "supervised fine-tuning of a Hugging Face model folder"),
-    "dpo": ("jaxrlhf.train.trainer", "DpoConfig", "run_dpo", "direct preference optimisation (every TRL loss type)"),
-    "precompute-ref": ("jaxrlhf.train.trainer", "DpoConfig", "run_precompute_ref", "reference log-probs of a DPO run's pairs, stored once"),
-    "export": ("jaxrlhf.train.trainer", "ExportConfig", "run_export", "a run's checkpoint -> Hugging Face folder"),
-    "init-model": ("jaxrlhf.models.presets", "InitModelConfig", "run_init_model", "a random model of a preset shape as a HF folder"),
-    "inspect-data": ("jaxrlhf.data.inspect", "InspectConfig", "run", "encoded examples token by token, and data statistics"),
-    "bench": ("jaxrlhf.bench.run", "BenchConfig", "run", "step time, MFU and memory vs full logits and PyTorch (BENCHMARKS.md)"),
-    "generate": ("jaxrlhf.models.generate", "GenerateConfig", "run_generate", "chat completions from a run's checkpoint or a model folder (KV cache)"),
-    "plot": ("jaxrlhf.train.plot", "PlotConfig", "run_plot", "PNG curves of a run's metrics.jsonl into <run_dir>/plots"),
+    "demo": ("jaxrlhf.commands.demo", "DemoConfig", "run", "SFT then DPO of a tiny model on CPU, showing that it learned"),
+    "mask-demo": ("jaxrlhf.commands.mask_demo", "DemoConfig", "run", "the loss-mask bugs other projects shipped, side by side with ours"),
+    "sft": ("jaxrlhf.commands.sft", "SftConfig", "run_sft", "supervised fine-tuning of a Hugging Face model folder"),
+    "dpo": ("jaxrlhf.commands.dpo", "DpoConfig", "run_dpo", "direct preference optimisation (every TRL loss type)"),
+    "precompute-ref": ("jaxrlhf.commands.precompute_ref", "DpoConfig", "run_precompute_ref", "reference log-probs of a DPO run's pairs, stored once"),
+    "export": ("jaxrlhf.commands.export", "ExportConfig", "run_export", "a run's checkpoint -> Hugging Face folder"),
+    "init-model": ("jaxrlhf.commands.init_model", "InitModelConfig", "run_init_model", "a random model of a preset shape as a HF folder"),
+    "inspect-data": ("jaxrlhf.commands.inspect_data", "InspectConfig", "run", "encoded examples token by token, and data statistics"),
+    "bench": ("jaxrlhf.commands.bench", "BenchConfig", "run", "step time, MFU and memory vs full logits and PyTorch (BENCHMARKS.md)"),
+    "generate": ("jaxrlhf.commands.generate", "GenerateConfig", "run_generate", "chat completions from a run's checkpoint or a model folder (KV cache)"),
+    "plot": ("jaxrlhf.commands.plot", "PlotConfig", "run_plot", "PNG curves of a run's metrics.jsonl into <run_dir>/plots"),
 }
 
 

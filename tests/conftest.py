@@ -43,6 +43,6 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def base_model(tmp_path_factory) -> str:
     """A tiny random Qwen2-style model with the shipped tokenizer, as a Hugging Face folder."""
-    from jaxrlhf.models.presets import InitModelConfig, run_init_model
+    from jaxrlhf.commands.init_model import InitModelConfig, run_init_model
 
     return str(run_init_model(InitModelConfig(preset="tiny", out=str(tmp_path_factory.mktemp("base") / "tiny"))))

@@ -8,7 +8,8 @@ import json
 
 from jaxrlhf.bench import flops
 from jaxrlhf.bench.hf_torch import HfJob, run_job
-from jaxrlhf.bench.run import BenchConfig, model_config, run
+from jaxrlhf.bench.suite import BenchConfig, model_config
+from jaxrlhf.commands.bench import run
 
 
 def test_bench_runs_end_to_end(tmp_path):
@@ -49,3 +50,33 @@ def test_pytorch_steps_run():
         # The same architecture: matmul parameters (the tied embedding is the LM head) + norms + q/k/v biases.
         d, h, kv, q = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         assert result["params"] == flops.matmul_params(config) + config.num_layers * (2 * d + (h + 2 * kv) * q) + d
+
+
+def test_bench_optimizer_state_is_sharded_like_the_trainers():
+    """The bench builds its state as training does: FSDP shards the Adam moments too (1/8 each on 8 devices)."""
+    import math
+
+    import jax
+    import numpy as np
+
+    from jaxrlhf.bench.jax_steps import build_policy
+    from jaxrlhf.parallel import MeshConfig, make_mesh
+    from jaxrlhf.train.optim import OptimConfig, make_optimizer
+    from jaxrlhf.train.step_assembly import abstract_train_state
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
+    config = model_config(BenchConfig(vocab_size=256))
+    policy = build_policy(config, mesh)
+
+    def device0_bytes(tree):
+        return sum(
+            math.prod(leaf.sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+            for leaf in jax.tree.leaves(tree)
+        )
+
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(policy.state.params))
+    # Two f32 moments per parameter, split 8 ways (up to the few leaves that do not divide), plus scalars.
+    assert device0_bytes(policy.state.opt_state) < 2 * param_bytes / 8 * 1.25
+    _, trained = abstract_train_state(config, make_optimizer(OptimConfig(), 1000)[0], mesh)
+    for ours, theirs in zip(jax.tree.leaves(policy.state.opt_state), jax.tree.leaves(trained.opt_state), strict=True):
+        assert ours.sharding.is_equivalent_to(theirs.sharding, ours.ndim)

@@ -5,7 +5,7 @@ import pathlib
 import pytest
 
 from jaxrlhf.config import load_config
-from jaxrlhf.train.trainer import DpoConfig, SftConfig
+from jaxrlhf.train.run_config import DpoConfig, SftConfig
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

@@ -23,17 +23,10 @@ from jaxrlhf import cli
 from jaxrlhf.data import load_tokenizer
 from jaxrlhf.data.chat import template_text
 from jaxrlhf.models import KVCache, load_hf
-from jaxrlhf.models.generate import (
-    GenerateConfig,
-    Sampling,
-    generate,
-    left_pad,
-    run_generate,
-    sample_next,
-    stop_token_ids,
-)
+from jaxrlhf.commands.generate import GenerateConfig, run_generate, stop_token_ids
+from jaxrlhf.commands.sft import run_sft
+from jaxrlhf.models.generate import Sampling, generate, left_pad, sample_next
 from jaxrlhf.train.optim import OptimConfig
-from jaxrlhf.train.trainer import run_sft
 
 _PROMPT_LENGTHS = (7, 3, 11)
 _NEW = 12

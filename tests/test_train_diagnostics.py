@@ -9,7 +9,8 @@ import pytest
 
 from jaxrlhf.data import DatasetConfig
 from jaxrlhf.train.diagnostics import DpoStallWatcher, NonFiniteWatcher, TrainingDiverged, ZeroGradientWatcher
-from jaxrlhf.train.trainer import DiagnosticsConfig, run_dpo
+from jaxrlhf.commands.dpo import run_dpo
+from jaxrlhf.train.run_config import DiagnosticsConfig
 from train_fixtures import dpo_config
 
 
@@ -84,7 +85,7 @@ def test_stall_message_fires_on_identical_pairs_and_not_on_a_healthy_run(base_mo
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(base_model, tmp_path):
     from jaxrlhf.train.checkpoint import CheckpointConfig
     from jaxrlhf.train.optim import OptimConfig
-    from jaxrlhf.train.trainer import run_sft
+    from jaxrlhf.commands.sft import run_sft
     from train_fixtures import sft_config
 
     # A NaN learning rate poisons the weights at the first update: step 1's loss is finite, step 2's is not.

@@ -12,7 +12,9 @@ from jaxrlhf.models import init_model
 from jaxrlhf.models.presets import preset
 from jaxrlhf.parallel.mesh import MeshConfig, make_mesh
 from jaxrlhf.train.optim import OptimConfig, init_opt_state, make_optimizer
-from jaxrlhf.train.trainer import DpoConfig, SftConfig, run_dpo, run_sft
+from jaxrlhf.commands.dpo import run_dpo
+from jaxrlhf.commands.sft import run_sft
+from jaxrlhf.train.run_config import DpoConfig, SftConfig
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.yaml"))
 PRESET_OF = {"qwen2.5-0.5b": "qwen2.5-0.5b", "qwen2.5-1.5b": "qwen2.5-1.5b", "llama3-8b": "llama3-8b", "demo": "tiny"}

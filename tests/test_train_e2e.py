@@ -19,7 +19,9 @@ from jaxrlhf.data import make_iterator
 from jaxrlhf.models import load_hf, make_logprob_fn
 from jaxrlhf.parallel.mesh import MeshConfig
 from jaxrlhf.train.checkpoint import CheckpointConfig
-from jaxrlhf.train.trainer import ExportConfig, run_dpo, run_export, run_sft
+from jaxrlhf.commands.dpo import run_dpo
+from jaxrlhf.commands.export import ExportConfig, run_export
+from jaxrlhf.commands.sft import run_sft
 from train_fixtures import dpo_config, sft_config
 
 pytestmark = pytest.mark.slow

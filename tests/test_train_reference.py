@@ -10,7 +10,9 @@ import pytest
 
 from jaxrlhf.data import DatasetConfig
 from jaxrlhf.train.reference import StaleReference, pair_keys
-from jaxrlhf.train.trainer import DpoArgs, run_dpo, run_precompute_ref
+from jaxrlhf.commands.dpo import run_dpo
+from jaxrlhf.commands.precompute_ref import run_precompute_ref
+from jaxrlhf.train.run_config import DpoArgs
 from train_fixtures import dpo_config
 
 pytestmark = pytest.mark.slow

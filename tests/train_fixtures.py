@@ -5,7 +5,7 @@ import dataclasses
 from jaxrlhf.data import DataConfig, DatasetConfig, asset_path
 from jaxrlhf.train.optim import OptimConfig
 from jaxrlhf.train.sinks import LoggingConfig
-from jaxrlhf.train.trainer import DpoArgs, DpoConfig, ModelArgs, SftConfig
+from jaxrlhf.train.run_config import DpoArgs, DpoConfig, ModelArgs, SftConfig
 
 
 def sft_config(run_dir, base, **overrides) -> SftConfig:

@@ -1,10 +1,11 @@
 """Our jitted SFT/DPO steps assembled the way ``jaxrlhf sft|dpo`` assembles them, on random weights.
 
-Same pieces as ``jaxrlhf.train.trainer``: ``init_model`` on the mesh, AdamW from
-``make_optimizer``, the pure steps of ``jaxrlhf.train.steps``, ``jax.jit`` with
-the state's shardings in and out and the state donated, batches sharded over the
-data axes. Steps are compiled ahead of time so that XLA's memory analysis of the
-exact executable that is timed can be read.
+Same pieces as ``jaxrlhf sft|dpo``: ``init_model`` on the mesh, AdamW from
+``make_optimizer``, the train state of ``new_train_state`` (moments sharded like
+their parameters) and the jitted step of ``build_train_step`` (the state's
+shardings in and out, the state donated), batches sharded over the data axes.
+Steps are compiled ahead of time so that XLA's memory analysis of the exact
+executable that is timed can be read.
 
 ``full_logits_logprob_fn`` is the naive path the chunked LM head is measured
 against: ``hidden @ lm_head`` materialised as ``[B, T, V]`` logits, then the same
@@ -14,13 +15,12 @@ against: ``hidden @ lm_head`` materialised as ``[B, T, V]`` logits, then the sam
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from jaxrlhf.models import init_model, make_logprob_fn
 from jaxrlhf.models.config import ModelConfig
@@ -28,6 +28,7 @@ from jaxrlhf.ops import logprobs
 from jaxrlhf.train import steps
 from jaxrlhf.train.optim import OptimConfig, make_optimizer
 from jaxrlhf.train.prefetch import batch_sharding, place_batch, rows_sharded
+from jaxrlhf.train.step_assembly import build_train_step, new_train_state
 
 
 def place(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -71,26 +72,12 @@ class Policy:
             return make_logprob_fn(self.graphdef, chunk_size=chunk_size, packed=False)
         return full_logits_logprob_fn(self.graphdef)
 
-    def jit(self, fn):
-        """jit as ``trainer._Run.jit_step`` does: state shardings out, the state donated."""
-        shardings = jax.tree.map(lambda x: x.sharding, self.state)
-        return jax.jit(fn, out_shardings=(shardings, None), donate_argnums=(0,))
-
 
 def build_policy(config: ModelConfig, mesh: Mesh, *, seed: int = 0, optim: OptimConfig = OptimConfig()) -> Policy:
-    """Random parameters on ``mesh`` and a fresh AdamW state (as ``trainer.build_state``, minus the checkpoint)."""
+    """Random parameters on ``mesh`` and a fresh AdamW state, as the trainer builds them (minus the checkpoint)."""
     graphdef, params = nnx.split(init_model(config, seed=seed, mesh=mesh))
     tx, schedule = make_optimizer(optim, total_steps=1000)
-    with jax.set_mesh(mesh):
-        opt_state = jax.jit(tx.init)(params)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state = steps.TrainState(
-        params=params,
-        opt_state=opt_state,
-        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
-        rng=jax.device_put(jax.random.PRNGKey(seed), replicated),
-    )
-    return Policy(config, mesh, graphdef, state, tx, schedule)
+    return Policy(config, mesh, graphdef, new_train_state(params, tx, mesh, seed=seed), tx, schedule)
 
 
 def build_reference(config: ModelConfig, mesh: Mesh, *, dtype: str, seed: int = 0):
@@ -98,13 +85,22 @@ def build_reference(config: ModelConfig, mesh: Mesh, *, dtype: str, seed: int = 
     return nnx.split(init_model(dataclasses.replace(config, param_dtype=dtype), seed=seed, mesh=mesh))[1]
 
 
-def compile_sft(policy: Policy, batch, *, chunked: bool = True, chunk_size: int | None = None):
-    """The SFT step compiled for ``batch`` (arrays or ``abstract_batch``): ``(state, batch) -> (state, metrics)``."""
-    fn = functools.partial(
-        steps.sft_step, logprob_fn=policy.logprob_fn(chunked=chunked, chunk_size=chunk_size), tx=policy.tx, schedule=policy.schedule
+def _compile(policy: Policy, task: str, logprob_fn, batch, *extra, spec: steps.DpoLossSpec | None = None):
+    step = build_train_step(
+        task,
+        logprob_fn=logprob_fn,
+        tx=policy.tx,
+        schedule=policy.schedule,
+        state_shardings=jax.tree.map(lambda x: x.sharding, policy.state),
+        spec=spec,
     )
     with jax.set_mesh(policy.mesh):
-        return policy.jit(fn).lower(policy.state, batch).compile()
+        return step.lower(policy.state, batch, *extra).compile()
+
+
+def compile_sft(policy: Policy, batch, *, chunked: bool = True, chunk_size: int | None = None):
+    """The SFT step compiled for ``batch`` (arrays or ``abstract_batch``): ``(state, batch) -> (state, metrics)``."""
+    return _compile(policy, "sft", policy.logprob_fn(chunked=chunked, chunk_size=chunk_size), batch)
 
 
 def compile_dpo(policy: Policy, batch, spec: steps.DpoLossSpec, ref_params=None, *, chunk_size: int | None = None):
@@ -113,15 +109,8 @@ def compile_dpo(policy: Policy, batch, spec: steps.DpoLossSpec, ref_params=None,
     The reference is whatever the batch and ``ref_params`` say: ``batch["ref_logps"]``
     (precomputed), else ``ref_params`` (frozen model in the step).
     """
-
-    def fn(state, batch, ref_params):
-        logprob_fn = policy.logprob_fn(chunked=True, chunk_size=chunk_size)
-        return steps.dpo_step(
-            state, batch, logprob_fn=logprob_fn, tx=policy.tx, schedule=policy.schedule, spec=spec, ref_params=ref_params
-        )
-
-    with jax.set_mesh(policy.mesh):
-        return policy.jit(fn).lower(policy.state, batch, ref_params).compile()
+    logprob_fn = policy.logprob_fn(chunked=True, chunk_size=chunk_size)
+    return _compile(policy, "dpo", logprob_fn, batch, ref_params, spec=spec)
 
 
 def step_caller(compiled, policy: Policy, *args):

@@ -1,23 +1,17 @@
-"""``jaxrlhf inspect-data``: look at encoded examples token by token, and at what the data config keeps.
+"""What a data config keeps, and its encoded examples token by token (``jaxrlhf inspect-data`` shows them).
 
-    jaxrlhf inspect-data --file data.jsonl --tokenizer path/to/tokenizer
-    jaxrlhf inspect-data --config_path run.yaml --num_examples 5
-    jaxrlhf inspect-data --file data.jsonl --tokenizer tok --json true > out.jsonl
-
-Prints the first ``num_examples`` examples with trained tokens highlighted, then
-a table: records scanned, kept, dropped by reason, bad records (the first
-``max_errors`` listed with file, line and message, e.g. identical DPO pairs),
-length percentiles, the fraction of trained tokens, and padding / packing
-efficiency (real tokens per row slot). ``--json true`` writes one JSON object
-per example (``tokens``, ``pieces``, ``loss_mask``) to stdout and the table to
-stderr. Exit status 1 when some records are bad.
+``scan`` encodes the first records of a split and counts kept, dropped (by
+reason) and bad records (file, line and message, e.g. identical DPO pairs);
+``summary_table`` adds length percentiles, the fraction of trained tokens and
+padding / packing efficiency (real tokens per row slot); ``show_examples``
+prints examples with trained tokens highlighted and ``example_json`` writes one
+as ``tokens``, ``pieces``, ``loss_mask``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Literal
 
 import grain
 import numpy as np
@@ -32,30 +26,7 @@ from jaxrlhf.data.formats import PREFERENCE_FORMATS
 from jaxrlhf.data.pipeline import encode_options, pack_rows, record_datasets
 from jaxrlhf.data.tokenizer import load_tokenizer, pad_id
 
-__all__ = ["InspectConfig", "run", "scan"]
-
-
-@dataclasses.dataclass
-class InspectConfig:
-    """Settings of ``jaxrlhf inspect-data``."""
-
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    file: str | None = None
-    """A data file or glob to inspect instead of data.train."""
-    tokenizer: str | None = None
-    """Tokenizer folder (overrides data.tokenizer)."""
-    task: Literal["auto", "sft", "dpo"] = "auto"
-    """auto: dpo when the records have chosen/rejected fields."""
-    split: Literal["train", "eval"] = "train"
-    """Which split of the data config to read (records in file order, unshuffled)."""
-    num_examples: int = 3
-    """Examples printed token by token."""
-    scan: int | None = 1000
-    """Records encoded for the statistics; None = all of them."""
-    json: bool = False
-    """One JSON object per example on stdout instead of the rich view."""
-    max_errors: int = 20
-    """Bad records listed (file, line, message)."""
+__all__ = ["ScanResult", "example_json", "scan", "show_examples", "summary_table"]
 
 
 @dataclasses.dataclass
@@ -166,7 +137,7 @@ def _rich_sequence(pieces: list[str], mask) -> Text:
     return text
 
 
-def _show(console: Console, tokenizer, result: ScanResult, n: int) -> None:
+def show_examples(console: Console, tokenizer, result: ScanResult, n: int) -> None:
     for origin, example in result.examples[:n]:
         console.rule()
         console.print(origin, style="bold", soft_wrap=True, markup=False, highlight=False)
@@ -177,35 +148,10 @@ def _show(console: Console, tokenizer, result: ScanResult, n: int) -> None:
             console.print(_rich_sequence(_pieces(tokenizer, seq["tokens"]), seq["loss_mask"]))
 
 
-def _json_line(tokenizer, origin: str, example: dict, task: str) -> str:
+def example_json(tokenizer, origin: str, example: dict, task: str) -> str:
     def side(seq):
         tokens = seq["tokens"].tolist()
         return {"tokens": tokens, "pieces": _pieces(tokenizer, tokens), "loss_mask": seq["loss_mask"].tolist()}
 
     body = side(example) if task == "sft" else {k: side(example[k]) for k in ("chosen", "rejected")}
     return json.dumps({"origin": origin, **body}, ensure_ascii=False)
-
-
-def run(config: InspectConfig) -> int:
-    data = config.data
-    if config.file is not None:
-        data = dataclasses.replace(data, train=[DatasetConfig(paths=[config.file])], eval=[], eval_fraction=0.0)
-    if config.tokenizer is not None:
-        data = dataclasses.replace(data, tokenizer=config.tokenizer)
-    tokenizer = load_tokenizer(data.tokenizer)
-    result = scan(data, task=config.task, split=config.split, limit=config.scan)
-    if config.json:
-        for origin, example in result.examples[: config.num_examples]:
-            print(_json_line(tokenizer, origin, example, result.task))
-        console = Console(stderr=True)
-    else:
-        console = Console()
-        _show(console, tokenizer, result, config.num_examples)
-    console.print(summary_table(result, data, tokenizer))
-    if result.errors:
-        shown = min(len(result.errors), config.max_errors)
-        console.print(f"[bold red]{len(result.errors)} bad records[/bold red] (first {shown}):")
-        for message in result.errors[:shown]:
-            console.print(f"  {message}", markup=False, highlight=False, soft_wrap=True)
-    return 1 if result.errors else 0
-

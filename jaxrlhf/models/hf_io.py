@@ -34,7 +34,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -43,13 +42,12 @@ from safetensors.numpy import save_file
 
 from jaxrlhf.models.config import ModelConfig, config_from_hf, config_to_hf
 from jaxrlhf.models.decoder import Decoder
+from jaxrlhf.models.safetensors_folder import INDEX_FILE, SINGLE_FILE, SafetensorsFolder
 from jaxrlhf.parallel.rules import DEFAULT_RULES, Rules, annotate_out_sharding, partition_specs
 
 __all__ = ["HF_NAME_MAPS", "TensorMap", "load_hf", "save_hf", "end_of_turn_token_id", "DEFAULT_MAX_SHARD_SIZE"]
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 2**30  # bytes per safetensors file, as transformers' save_pretrained
-_INDEX_FILE = "model.safetensors.index.json"
-_SINGLE_FILE = "model.safetensors"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,68 +124,6 @@ HF_NAME_MAPS: dict[str, tuple[TensorMap, ...]] = {
 # Tensors some checkpoints carry that are derived, not learned: safe to skip.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
-_SAFETENSORS_DTYPES = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-}
-
-
-class _SafetensorsFile:
-    """Lazy tensors of one .safetensors file: a JSON header, then raw little-endian data (memory-mapped)."""
-
-    def __init__(self, path: pathlib.Path):
-        self.path = path
-        with path.open("rb") as f:
-            header_size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_size))
-        header.pop("__metadata__", None)
-        self.header = header
-        self._data_start = 8 + header_size
-
-    @functools.cached_property
-    def _buffer(self) -> np.memmap:
-        return np.memmap(self.path, dtype=np.uint8, mode="r")
-
-    def tensor(self, name: str) -> np.ndarray:
-        info = self.header[name]
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(
-                f"{self.path}: tensor {name} has dtype {info['dtype']}; supported: {', '.join(_SAFETENSORS_DTYPES)}"
-            )
-        start, end = info["data_offsets"]
-        raw = self._buffer[self._data_start + start : self._data_start + end]
-        return raw.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-
-
-class _Checkpoint:
-    """All tensors of a local HF folder: one model.safetensors or shards listed in the index."""
-
-    def __init__(self, folder: pathlib.Path):
-        if (folder / _INDEX_FILE).exists():
-            weight_map = json.loads((folder / _INDEX_FILE).read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif (folder / _SINGLE_FILE).exists():
-            files = [_SINGLE_FILE]
-        else:
-            files = sorted(p.name for p in folder.glob("*.safetensors"))
-        if not files:
-            found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-            raise FileNotFoundError(
-                f"no *.safetensors weights in {folder} (found: {', '.join(found) or 'nothing'}). "
-                "Pickled .bin/.pt checkpoints are never loaded; convert them to safetensors first."
-            )
-        self.files = {name: _SafetensorsFile(folder / name) for name in files}
-        self.location = {tensor: name for name, f in self.files.items() for tensor in f.header}
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.files[self.location[name]].header[name]["shape"])
-
-    def tensor(self, name: str) -> np.ndarray:
-        return self.files[self.location[name]].tensor(name)
-
-
 def _entries(config: ModelConfig, state: nnx.State) -> list[tuple[TensorMap, nnx.Variable]]:
     """The name-map entries for the parameters this config's model has, paired with its Variables."""
     variables = dict(nnx.to_flat_state(state))
@@ -207,7 +143,7 @@ def _hf_names(entry: TensorMap, variable: nnx.Variable) -> list[tuple[str, tuple
     return [(entry.hf, entry.hf_shape(variable.shape))]
 
 
-def _check_names(entries, checkpoint: _Checkpoint, config: ModelConfig, folder: pathlib.Path) -> None:
+def _check_names(entries, checkpoint: SafetensorsFolder, config: ModelConfig, folder: pathlib.Path) -> None:
     expected = dict(name_and_shape for entry, v in entries for name_and_shape in _hf_names(entry, v))
     available = set(checkpoint.location)
     missing = sorted(set(expected) - available)
@@ -242,7 +178,7 @@ def _index_key(index: tuple[slice, ...]) -> tuple:
     return tuple((s.start, s.stop, s.step) for s in index)
 
 
-def _reader(entry: TensorMap, shape: tuple[int, ...], dtype: np.dtype, checkpoint: _Checkpoint) -> Callable:
+def _reader(entry: TensorMap, shape: tuple[int, ...], dtype: np.dtype, checkpoint: SafetensorsFolder) -> Callable:
     """Callback for make_array_from_callback: the block ``index`` of our parameter, read from the checkpoint."""
     cache: dict[tuple, np.ndarray] = {}  # replicated shards ask for the same block on several devices
 
@@ -295,7 +231,7 @@ def load_hf(
     )
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
     entries = _entries(config, abstract)
-    checkpoint = _Checkpoint(folder)
+    checkpoint = SafetensorsFolder(folder)
     _check_names(entries, checkpoint, config, folder)
     specs = None if mesh is None else dict(nnx.to_flat_state(partition_specs(abstract, mesh, rules)))
     loaded = []
@@ -405,10 +341,10 @@ def save_hf(
     writer = jax.process_index() == 0
     if writer:
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in [*folder.glob("model*.safetensors"), folder / _INDEX_FILE]:
+        for stale in [*folder.glob("model*.safetensors"), folder / INDEX_FILE]:
             stale.unlink(missing_ok=True)
     names = (
-        [_SINGLE_FILE]
+        [SINGLE_FILE]
         if len(shards) == 1
         else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     )
@@ -423,7 +359,7 @@ def save_hf(
     if len(shards) > 1:
         total = sum(math.prod(shape) for shard in shards for _, shape, _ in shard) * save_dtype.itemsize
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / _INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     hf_config = config_to_hf(model_config, dtype=save_dtype.name)
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     eos_ids = list(model_config.eos_token_id)

@@ -8,7 +8,6 @@ vocabulary is the tokenizer's.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 
 from jaxrlhf.models.config import ModelConfig, RopeConfig
 
@@ -47,29 +46,3 @@ def preset(name: str, *, vocab_size: int | None = None, **runtime) -> ModelConfi
     if config.vocab_size <= 0:
         raise ValueError(f"preset {name!r} takes its vocabulary from the tokenizer: pass vocab_size")
     return dataclasses.replace(config, **runtime)
-
-
-@dataclasses.dataclass
-class InitModelConfig:
-    """Settings of ``jaxrlhf init-model``."""
-
-    preset: str = "tiny"
-    """One of: tiny, qwen2.5-0.5b, qwen2.5-1.5b, llama3-8b."""
-    out: str = "runs/tiny-model"
-    """Output Hugging Face folder."""
-    tokenizer: str = ""
-    """Tokenizer folder saved with the model; empty = the tiny tokenizer shipped in jaxrlhf/assets."""
-    seed: int = 0
-
-
-def run_init_model(config: InitModelConfig) -> pathlib.Path:
-    """Write a randomly initialised model of a preset shape as a Hugging Face folder."""
-    from jaxrlhf.data import asset_path, load_tokenizer
-    from jaxrlhf.models import init_model, save_hf
-
-    tokenizer_path = config.tokenizer or str(asset_path("tokenizer"))
-    vocab = len(load_tokenizer(tokenizer_path)) if config.preset == "tiny" else None
-    model_config = preset(config.preset, vocab_size=vocab)
-    save_hf(init_model(model_config, seed=config.seed), model_config, config.out, tokenizer=tokenizer_path)
-    print(f"wrote a random {config.preset} model to {config.out}")
-    return pathlib.Path(config.out)

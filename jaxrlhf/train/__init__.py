@@ -1,1 +1,2 @@
-"""Training: train state, jitted SFT/DPO steps, the shared loop, checkpoints, metric sinks."""
+"""Training: run configs, the assembly of a run, the one jitted step, the shared loop, checkpoints,
+metric sinks, dry-run plans. The commands that start runs are in ``jaxrlhf.commands``."""

@@ -1,32 +1,35 @@
 """`--dry_run true`: will this config fit? Compile the real step on abstract arrays and report bytes per device.
 
 Nothing is allocated: parameters are ``eval_shape``d on the config's mesh, the
-optimizer state's shardings come from compiling ``tx.init``, and the jitted SFT or
-DPO step (the same one training runs, donation included) is lowered and compiled
-on ``ShapeDtypeStruct`` inputs. Where the hardware is absent (a laptop planning a
-pod run), the mesh is built from fake CPU devices (``dry_run_devices``).
+optimizer state's shardings are the trainer's, and the jitted SFT or DPO step
+(``build_train_step``, the one training runs, donation included) is lowered and
+compiled on ``ShapeDtypeStruct`` inputs. Where the hardware is absent (a laptop
+planning a pod run), the mesh is built from fake CPU devices (``dry_run_devices``).
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 from rich.console import Console
 from rich.table import Table
 
-from jaxrlhf.models import Decoder, make_logprob_fn
+from jaxrlhf.models import make_logprob_fn
 from jaxrlhf.parallel.mesh import make_mesh
-from jaxrlhf.parallel.rules import named_shardings
-from jaxrlhf.train import steps
-from jaxrlhf.train.optim import make_optimizer, opt_state_shardings
+from jaxrlhf.train.assembly import lm_head_chunk_size
+from jaxrlhf.train.optim import make_optimizer
 from jaxrlhf.train.prefetch import batch_sharding
+from jaxrlhf.train.run_config import TrainConfig, model_config_of, rows_are_packed
+from jaxrlhf.train.step_assembly import (
+    abstract_params,
+    abstract_train_state,
+    build_train_step,
+)
 
 
 def use_fake_devices(count: int) -> None:
@@ -45,37 +48,19 @@ def _per_device_bytes(tree) -> int:
     return total
 
 
-def _abstract(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def _abstract_params(model_config, mesh):
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0))))
-    return graphdef, _abstract(state, named_shardings(state, mesh))
-
-
-def abstract_train_state(model_config, tx, mesh):
-    """``(graphdef, state)`` where ``state`` is a ``TrainState`` of sharded ``ShapeDtypeStruct``s: the
-    shape of training on ``mesh`` without allocating it (a dry-run input, a checkpoint's restore target)."""
-    graphdef, params = _abstract_params(model_config, mesh)
-    opt_state = jax.eval_shape(tx.init, params)
-    opt_state = _abstract(opt_state, opt_state_shardings(tx, params, jax.tree.map(lambda x: x.sharding, params), mesh))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state = steps.TrainState(
-        params=params,
-        opt_state=opt_state,
-        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-        rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
-    )
-    return graphdef, state
-
-
-def dry_run(config, task: str, *, model_config_of, chunk_size_of, packed: bool, total_steps: int) -> dict:
+def dry_run(config: TrainConfig, task: str) -> dict:
     """Compile the step of ``config`` and return (and print) the per-device memory plan in bytes."""
+    if config.dry_run_devices > 0:
+        use_fake_devices(config.dry_run_devices)
+    if config.model.attention_impl == "cudnn" and jax.devices()[0].platform == "cpu":
+        # cuDNN kernels do not compile for CPU; XLA's attention holds the [T, T] scores, so this overestimates.
+        print("dry run on CPU devices: attention_impl cudnn -> xla (temporaries are an upper bound)")
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, attention_impl="xla"))
+    spec = config.dpo.spec(config.micro_batches) if task == "dpo" else None
     mesh = make_mesh(config.mesh)
     param_dtype = config.model.param_dtype
     model_config = model_config_of(config.model, config.model.path, param_dtype=param_dtype, tokenizer=config.data.tokenizer)
-    tx, schedule = make_optimizer(config.optim, total_steps)
+    tx, schedule = make_optimizer(config.optim, config.max_steps or 1000)
     graphdef, state = abstract_train_state(model_config, tx, mesh)
     params, opt_state = state.params, state.opt_state
     shape = (config.data.batch_size, config.data.max_length) if task == "sft" else (
@@ -84,36 +69,29 @@ def dry_run(config, task: str, *, model_config_of, chunk_size_of, packed: bool, 
         key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, len(shape)))
         for key in ("tokens", "loss_mask", "segment_ids", "positions")
     }
-    chunk_size = chunk_size_of(config, task, mesh, model_config.vocab_size)
-    logprob_fn = make_logprob_fn(graphdef, chunk_size=chunk_size, packed=packed)
-    reference_bytes = 0
-    if task == "sft":
-        step = functools.partial(
-            steps.sft_step, logprob_fn=logprob_fn, tx=tx, schedule=schedule, num_micro_batches=config.micro_batches
-        )
-        kwargs = {}
-    else:
-        ref_params = None
-        if config.dpo.reference == "model":
-            ref_config = model_config_of(
-                config.model, config.reference_model_path(),
-                param_dtype=config.dpo.reference_dtype, tokenizer=config.data.tokenizer,
-            )  # fmt: skip
-            _, ref_params = _abstract_params(ref_config, mesh)
-            reference_bytes = _per_device_bytes(ref_params)
-        elif config.dpo.reference == "precomputed":
-            batch["ref_logps"] = jax.ShapeDtypeStruct(
-                shape[:2], jnp.float32, sharding=batch_sharding(mesh, 2)
-            )
-        step = functools.partial(
-            steps.dpo_step, logprob_fn=logprob_fn, tx=tx, schedule=schedule, spec=config.dpo.spec(config.micro_batches),
-            num_micro_batches=config.micro_batches,
+    chunk_size = lm_head_chunk_size(config, task, mesh, model_config.vocab_size)
+    logprob_fn = make_logprob_fn(graphdef, chunk_size=chunk_size, packed=rows_are_packed(config, task))
+    ref_params, reference_bytes = None, 0
+    if task == "dpo" and config.dpo.reference == "model":
+        ref_config = model_config_of(
+            config.model, config.reference_model_path(),
+            param_dtype=config.dpo.reference_dtype, tokenizer=config.data.tokenizer,
         )  # fmt: skip
-        kwargs = {"ref_params": ref_params}
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    jitted = jax.jit(step, out_shardings=(state_shardings, None), donate_argnums=(0,))
+        _, ref_params = abstract_params(ref_config, mesh)
+        reference_bytes = _per_device_bytes(ref_params)
+    elif task == "dpo" and config.dpo.reference == "precomputed":
+        batch["ref_logps"] = jax.ShapeDtypeStruct(shape[:2], jnp.float32, sharding=batch_sharding(mesh, 2))
+    jitted = build_train_step(
+        task,
+        logprob_fn=logprob_fn,
+        tx=tx,
+        schedule=schedule,
+        state_shardings=jax.tree.map(lambda x: x.sharding, state),
+        micro_batches=config.micro_batches,
+        spec=spec,
+    )
     with jax.set_mesh(mesh):
-        compiled = jitted.lower(state, batch, **kwargs).compile()
+        compiled = jitted.lower(state, batch, ref_params).compile()
     memory = compiled.memory_analysis()
     report = {
         "devices": mesh.devices.size,
@@ -130,7 +108,7 @@ def dry_run(config, task: str, *, model_config_of, chunk_size_of, packed: bool, 
     return report
 
 
-def _print(report: dict, config, task: str) -> None:
+def _print(report: dict, config: TrainConfig, task: str) -> None:
     gib = 2**30
     console = Console()
     console.print(

@@ -1,4 +1,4 @@
-"""`jaxrlhf plot`: a run's metrics.jsonl -> PNG curves in ``<run_dir>/plots``.
+"""A run's metrics.jsonl -> PNG curves in ``<run_dir>/plots`` (`jaxrlhf plot` and the demo draw them).
 
 One figure per metric: the training curve, with the held-out values of the same
 metric (logged as ``eval/<name>``) drawn over it as markers. Metrics a run did
@@ -11,7 +11,6 @@ notebook or a training script leaves the caller's backend alone.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import pathlib
@@ -20,9 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from jaxrlhf.config import ConfigError
-
-__all__ = ["FIGURES", "PlotConfig", "plot_run", "read_metrics", "run_plot"]
+__all__ = ["FIGURES", "plot_run", "read_metrics"]
 
 # (file name without .png, title, metrics drawn together)
 FIGURES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -35,12 +32,6 @@ FIGURES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 )
 _EVAL = "eval/"
 _NOT_METRICS = ("step", "time")
-
-
-@dataclasses.dataclass
-class PlotConfig:
-    run_dir: str = ""
-    """A run directory written by `jaxrlhf sft` / `jaxrlhf dpo`: its metrics.jsonl is plotted into <run_dir>/plots."""
 
 
 def read_metrics(path: str | pathlib.Path) -> dict[str, dict[int, float]]:
@@ -121,16 +112,4 @@ def plot_run(run_dir: str | pathlib.Path) -> list[pathlib.Path]:
         out.mkdir(exist_ok=True)
         figure.savefig(out / f"{name}.png")
         written.append(out / f"{name}.png")
-    return written
-
-
-def run_plot(config: PlotConfig) -> list[pathlib.Path]:
-    """`jaxrlhf plot --run_dir RUN_DIR`."""
-    if not config.run_dir:
-        raise ConfigError("--run_dir is empty: pass the directory of a jaxrlhf sft/dpo run")
-    written = plot_run(config.run_dir)
-    for path in written:
-        print(path)
-    if not written:
-        print(f"nothing to plot: {pathlib.Path(config.run_dir) / 'metrics.jsonl'} holds none of the plotted metrics")
     return written

@@ -17,12 +17,14 @@ import pathlib
 from rich.console import Console
 from rich.table import Table
 
+from jaxrlhf.commands.dpo import run_dpo
+from jaxrlhf.commands.init_model import InitModelConfig, run_init_model
+from jaxrlhf.commands.sft import run_sft
 from jaxrlhf.data import DataConfig, DatasetConfig, asset_path
-from jaxrlhf.models.presets import InitModelConfig, run_init_model
 from jaxrlhf.train.optim import OptimConfig
 from jaxrlhf.train.plot import plot_run
+from jaxrlhf.train.run_config import DpoArgs, DpoConfig, ModelArgs, SftConfig
 from jaxrlhf.train.sinks import LoggingConfig
-from jaxrlhf.train.trainer import DpoArgs, DpoConfig, ModelArgs, SftConfig, run_dpo, run_sft
 
 
 def _demo_sft() -> SftConfig:

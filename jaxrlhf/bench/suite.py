@@ -1,43 +1,35 @@
-"""``jaxrlhf bench``: our jitted SFT/DPO steps side by side with the naive path and with PyTorch.
+"""The measurements of ``jaxrlhf bench``: our jitted SFT/DPO steps, the naive path and PyTorch.
 
-    jaxrlhf bench                                                # tiny shape, every CPU comparison
-    jaxrlhf bench --preset qwen2.5-0.5b --batch 2 --seq_len 128 --measure "[sft,hf]"
-    jaxrlhf bench --preset qwen2.5-1.5b --seq_len 4096 --dtype bfloat16 --measure "[fit]"
-
-Measurements (``--measure``, any of):
+Measurements (``BenchConfig.measure``, any of):
 
 - ``sft``, ``dpo`` (frozen reference in the step), ``dpo_precomputed``
   (``batch["ref_logps"]``): step time, tokens/s, MFU, compiled memory, and on a
   GPU/TPU the allocator's peak; then DPO's cost per token relative to SFT's.
 - ``logprobs``: the SFT step with the chunked LM head against the full-logits
-  path, for each of ``--logprob_vocabs``.
+  path, for each of ``logprob_vocabs``.
 - ``hf``: the same SFT and/or DPO steps (those measured, both if neither is) in
   transformers + PyTorch (``hf_torch``), each in a fresh process, run before JAX
   touches the device.
-- ``fit``: the longest sequence whose SFT step fits ``--fit_budget_gib`` (default:
+- ``fit``: the longest sequence whose SFT step fits ``fit_budget_gib`` (default:
   the device's allocator limit), chunked and full logits (``fit``).
 
 Every step processes ``batch x seq_len`` tokens (DPO: ``batch / 2`` pairs), so
 per-token costs compare directly. FLOPs and MFU follow ``jaxrlhf.bench.flops``;
 the peak is the data-sheet bf16 peak of the accelerator, or on CPU (and unknown
-accelerators) a matmul measured here in the compute dtype. Results print as
-tables with ratios and, with ``--out``, append one JSON line to a file.
+accelerators) a matmul measured here in the compute dtype. ``report`` prints
+and records the results.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import gc
-import json
 import os
-import pathlib
 import platform
 
 import jax
 from rich.console import Console
-from rich.table import Table
 
 from jaxrlhf.bench import flops
 from jaxrlhf.bench.batches import dpo_batch, sft_batch
@@ -67,7 +59,7 @@ from jaxrlhf.train.steps import DpoLossSpec
 
 MEASUREMENTS = ("sft", "dpo", "dpo_precomputed", "logprobs", "hf", "fit")
 _TINY_VOCAB = 32768
-_MIB = 2**20
+MIB = 2**20
 
 
 @dataclasses.dataclass
@@ -121,7 +113,9 @@ def model_config(cfg: BenchConfig, vocab_size: int | None = None) -> ModelConfig
     )
 
 
-class _Bench:
+class Bench:
+    """One ``jaxrlhf bench`` invocation: the measurements it asked for, their results and environment."""
+
     def __init__(self, cfg: BenchConfig):
         unknown = sorted(set(cfg.measure) - set(MEASUREMENTS))
         if unknown:
@@ -203,16 +197,16 @@ class _Bench:
 
     def progress(self, name: str, row: dict) -> dict:
         """One line per finished measurement, so that a run cut short still shows what it measured."""
-        if not _ok(row):
+        if not succeeded(row):
             lines = row["error"].strip().splitlines()
             self.console.print(f"{name}: error: {lines[0]}" + (f" ... {lines[-1]}" if len(lines) > 1 else ""))
         elif "mfu" in row:
             self.console.print(
                 f"{name}: {row['step']['median_s'] * 1e3:.1f} ms/step (spread {row['step']['spread']:.0%}), "
-                f"{row['tokens_per_s']:,.0f} tokens/s, MFU {row['mfu']:.1%}, {_memory_of(row) / _MIB:,.0f} MiB"
+                f"{row['tokens_per_s']:,.0f} tokens/s, MFU {row['mfu']:.1%}, {memory_of(row) / MIB:,.0f} MiB"
             )
         else:
-            self.console.print(f"{name}: {row['step']['median_s'] * 1e3:.1f} ms/step, {_memory_of(row) / _MIB:,.0f} MiB")
+            self.console.print(f"{name}: {row['step']['median_s'] * 1e3:.1f} ms/step, {memory_of(row) / MIB:,.0f} MiB")
         return row
 
     def run_steps(self):
@@ -354,116 +348,19 @@ class _Bench:
             if "error" not in row:
                 row.update(self.rates(row["step"]["median_s"], self.model_flops(task)))
 
-    # -- report ------------------------------------------------------------------------------
-
-    def ratios(self) -> dict:
-        r, out = self.results, {}
-        hf = r.get("hf", {})
-
-        def seconds(row):
-            return row["step"]["median_s"]
-
-        # Every step processes batch x seq_len tokens, so time ratios are per-token ratios.
-        for name in ("dpo", "dpo_precomputed"):
-            if _ok(r.get("sft")) and _ok(r.get(name)):
-                out[f"{name}_vs_sft_time_per_token"] = seconds(r[name]) / seconds(r["sft"])
-        if _ok(r.get("dpo")) and _ok(r.get("dpo_precomputed")):
-            out["dpo_frozen_vs_precomputed_time"] = seconds(r["dpo"]) / seconds(r["dpo_precomputed"])
-        for task in ("sft", "dpo"):
-            if _ok(r.get(task)) and _ok(hf.get(task)):
-                out[f"pytorch_vs_ours_{task}_time"] = seconds(hf[task]) / seconds(r[task])
-                out[f"pytorch_vs_ours_{task}_memory"] = _memory_of(hf[task]) / _memory_of(r[task])
-        logprob_rows = r.get("logprobs", {})
-        for vocab in self.cfg.logprob_vocabs:
-            full, chunked = logprob_rows.get(f"{vocab}/full"), logprob_rows.get(f"{vocab}/chunked")
-            if _ok(full) and _ok(chunked):
-                out[f"full_vs_chunked_{vocab}_temp_memory"] = full["memory"]["temp_bytes"] / chunked["memory"]["temp_bytes"]
-                out[f"full_vs_chunked_{vocab}_time"] = seconds(full) / seconds(chunked)
-        if "fit" in r and r["fit"]["full"]["longest"]:
-            out["fit_chunked_vs_full_length"] = r["fit"]["chunked"]["longest"] / r["fit"]["full"]["longest"]
-        return out
-
-    def print_report(self):
-        cfg, c = self.cfg, self.config
-        self.console.print(
-            f"[bold]{cfg.preset}[/] ({flops.matmul_params(c) / 1e6:.1f}M matmul params, vocab {c.vocab_size}), "
-            f"batch {cfg.batch} x seq {cfg.seq_len}, {cfg.dtype} compute / {cfg.param_dtype} params, remat {cfg.remat}, "
-            f"attention {cfg.attention_impl} | {self.env['device_kind']} x{self.env['devices']}, "
-            f"peak {self.env['peak_flops_per_device'] / 1e12:.2f} TFLOP/s per device ({self.env['peak_source']})"
-        )
-        table = Table(title="train steps (median of repeats; spread = (max - min) / median)")
-        for column in ("step", "ms", "spread", "tokens/s", "TFLOP/s", "MFU", "memory MiB", "temp MiB"):
-            table.add_column(column, justify="right")
-        named = [(f"ours {n}", self.results[n]) for n in ("sft", "dpo", "dpo_precomputed") if n in self.results]
-        named += [(f"pytorch {n}", row) for n, row in self.results.get("hf", {}).items()]
-        named += [(f"ours sft, vocab {k.replace('/', ', ')}", row) for k, row in self.results.get("logprobs", {}).items()]
-        for name, row in named:
-            if not _ok(row):
-                table.add_row(name, f"error: {row['error'][:100]}")
-                continue
-            temp = row.get("memory", {}).get("temp_bytes")
-            table.add_row(
-                name,
-                f"{row['step']['median_s'] * 1e3:.1f}",
-                f"{row['step']['spread']:.0%}",
-                f"{row['tokens_per_s']:,.0f}",
-                f"{row['tflops_per_s']:.3f}",
-                f"{row['mfu']:.1%}",
-                f"{_memory_of(row) / _MIB:,.0f}",
-                "" if temp is None else f"{temp / _MIB:,.0f}",
-            )
-        if named:
-            self.console.print(table)
-        if "fit" in self.results:
-            fit = self.results["fit"]
-            self.console.print(
-                f"longest SFT sequence in {fit['budget_bytes'] / 2**30:.2f} GiB at batch {fit['batch']}: "
-                + ", ".join(f"{p} {fit[p]['longest']} (ran: {fit[p]['ran']})" for p in ("chunked", "full"))
-            )
-        for name, value in self.ratios().items():
-            self.console.print(f"  {name}: {value:.2f}x")
-        memory = "memory: ours = " + (
-            "the device allocator's peak" if self.env["platform"] != "cpu" else "compiled arguments + outputs + temporaries"
-        )
-        kinds = {row["memory_kind"] for row in self.results.get("hf", {}).values() if _ok(row)}
-        self.console.print(memory + "".join(f"; pytorch = {kind}" for kind in kinds))
-
-    def record(self) -> dict:
-        self.env["load_average_end"] = os.getloadavg()
-        self.env["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        return {"config": dataclasses.asdict(self.cfg), "env": self.env, "results": self.results, "ratios": self.ratios()}
-
 
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:500]
 
 
-def _ok(row: dict | None) -> bool:
+def succeeded(row: dict | None) -> bool:
     return bool(row) and "error" not in row
 
 
-def _memory_of(row: dict) -> int:
+def memory_of(row: dict) -> int:
     """Bytes a measured step needs: the device's peak where it has one, else the compiled total (ours) or RSS (PyTorch)."""
     if row.get("device_peak_bytes"):
         return row["device_peak_bytes"]
     if "memory" in row:
         return row["memory"]["total_bytes"]
     return row["peak_bytes"]
-
-
-def run(cfg: BenchConfig) -> dict:
-    bench = _Bench(cfg)
-    bench.run_hf()  # before JAX claims the accelerator's memory
-    bench.start_jax()
-    bench.finish_hf()
-    bench.run_steps()
-    bench.run_logprobs()
-    bench.run_fit()
-    bench.print_report()
-    record = bench.record()
-    if cfg.out:
-        path = pathlib.Path(cfg.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-    return record

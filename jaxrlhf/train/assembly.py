@@ -1,0 +1,263 @@
+"""The assembly of a training run, as a value: ``assemble(config, task) -> Run``.
+
+config -> distributed init -> mesh -> policy (+ frozen reference) -> optimizer
+and train state (restored when a checkpoint exists) -> data iterators -> the
+jitted step (``step_assembly``) -> evaluation and watchers. Nothing here trains:
+``driver.train(run)`` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from jaxrlhf.config import ConfigError, dump_config
+from jaxrlhf.data import make_iterator
+from jaxrlhf.models import (
+    ModelConfig,
+    default_chunk_size,
+    init_model,
+    load_hf,
+    make_logprob_fn,
+)
+from jaxrlhf.parallel.distributed import initialize_distributed
+from jaxrlhf.parallel.mesh import make_mesh
+from jaxrlhf.train.checkpoint import Checkpointer, abstract_like
+from jaxrlhf.train.diagnostics import (
+    DpoStallWatcher,
+    NonFiniteWatcher,
+    ZeroGradientWatcher,
+)
+from jaxrlhf.train.evaluation import dpo_evaluator, sft_evaluator
+from jaxrlhf.train.optim import make_optimizer
+from jaxrlhf.train.prefetch import place_batch, rows_sharded
+from jaxrlhf.train.reference import ReferenceTable
+from jaxrlhf.train.run_config import (
+    DpoConfig,
+    ModelArgs,
+    TrainConfig,
+    model_config_of,
+    rows_are_packed,
+)
+from jaxrlhf.train.step_assembly import build_train_step, new_train_state
+from jaxrlhf.train.steps import TrainState
+
+
+def load_model(args: ModelArgs, path: str, mesh, *, param_dtype: str, tokenizer: str = ""):
+    """``(model, model_config)``: the preset with random weights, or the folder's weights, on ``mesh``."""
+    if args.preset:
+        config = model_config_of(args, path, param_dtype=param_dtype, tokenizer=tokenizer)
+        return init_model(config, mesh=mesh), config
+    if not path:
+        raise ConfigError("model.path is empty: point it at a local Hugging Face model folder (or set model.preset)")
+    return load_hf(
+        path,
+        dtype=jnp.dtype(args.dtype),
+        param_dtype=jnp.dtype(param_dtype),
+        mesh=mesh,
+        remat=args.remat,
+        scan_layers=args.scan_layers,
+        attention_impl=args.attention_impl,
+    )
+
+
+def estimated_steps(config: TrainConfig, task: str) -> int:
+    """``max_steps``, or the optimizer steps of ``data.num_epochs`` passes, counted exactly.
+
+    Drops and packing decide how many rows a pass yields, so the count is one pass
+    over the encoded data (as TRL's up-front tokenization does); processes agree on
+    the smallest count, since all must stop together. Set max_steps to skip it.
+    """
+    if config.max_steps > 0:
+        return config.max_steps
+    if config.data.num_epochs is None:
+        raise ConfigError("data.num_epochs is null (repeat forever): set max_steps")
+    if jax.process_index() == 0:
+        print("counting the steps of one pass over the data (set max_steps to skip this)", file=sys.stderr)
+    one_pass = dataclasses.replace(config.data, num_epochs=1)
+    batches = sum(1 for _ in make_iterator(one_pass, task=task, split="train"))
+    if jax.process_count() > 1:
+        batches = int(np.min(multihost_utils.process_allgather(np.asarray(batches))))
+    if batches == 0:
+        raise ConfigError("the training data yields no full batch: fewer examples than data.batch_size after drops")
+    return batches * config.data.num_epochs
+
+
+def lm_head_chunk_size(config: TrainConfig, task: str, mesh, vocab_size: int) -> int:
+    """``model.chunk_size``, or about 256 MiB of logits per chunk *per device*.
+
+    Inside jit the arrays have their global shapes, so the automatic default would
+    see the whole global batch and make chunks (and scan steps) far too small.
+    """
+    if config.model.chunk_size > 0:
+        return config.model.chunk_size
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = max(config.data.batch_size // max(config.micro_batches, 1) // data_parallel, 1) * (2 if task == "dpo" else 1)
+    tensor = mesh.shape["tensor"]
+    vocab = vocab_size // tensor if vocab_size % tensor == 0 else vocab_size
+    return default_chunk_size(rows, vocab)
+
+
+def _reporter(found: list[str]):
+    """Print a diagnosis where the user sees it and keep it for summary.json."""
+
+    def report(message: str) -> None:
+        found.append(message)
+        print(f"\njaxrlhf diagnosis: {message}\n", file=sys.stderr, flush=True)
+
+    return report
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything a training run is made of; ``driver.train`` runs it."""
+
+    config: TrainConfig
+    task: str
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    model_config: ModelConfig
+    state: TrainState
+    """Fresh, or restored from the newest checkpoint (then ``start_step`` > 0)."""
+    start_step: int
+    total_steps: int
+    step: Callable
+    """Jitted ``(state, batch) -> (state, metrics)``; donates the state."""
+    train_data: object
+    """The Grain iterator of training batches (its position restored with the state)."""
+    host_transform: Callable | None
+    """Host-side columns added to every batch before it is placed (precomputed reference log-probs)."""
+    evaluate: Callable | None
+    """``state -> {metric: value}`` over the held-out split; None without one."""
+    checkpointer: Checkpointer
+    watchers: tuple
+    diagnoses: list[str]
+    """Diagnoses the watchers reported, for summary.json."""
+
+    @property
+    def run_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.config.run_dir)
+
+
+def _reference(config: DpoConfig, mesh):
+    """``(ref_params, host_transform)`` of the DPO reference setting."""
+    if config.dpo.reference == "model":
+        reference, _ = load_model(
+            config.model,
+            config.reference_model_path(),
+            mesh,
+            param_dtype=config.dpo.reference_dtype,
+            tokenizer=config.data.tokenizer,
+        )
+        return nnx.split(reference)[1], None
+    if config.dpo.reference == "precomputed":
+        table = ReferenceTable(
+            config.reference_folder(),
+            model_path=config.reference_model_path(),
+            tokenizer_path=config.data.tokenizer,
+            data=config.data,
+        )
+        return None, lambda batch, pair_mask=None: {**batch, "ref_logps": table.lookup(batch, pair_mask=pair_mask)}
+    return None, None
+
+
+def assemble(config: TrainConfig, task: str) -> Run:
+    """Build the run ``config`` describes for ``task`` (sft | dpo), resuming from its newest checkpoint."""
+    spec = config.dpo.spec(config.micro_batches) if task == "dpo" else None
+    d = config.distributed
+    initialize_distributed(d.coordinator_address, d.num_processes, d.process_id, force=d.force)
+    run_dir = pathlib.Path(config.run_dir)
+    mesh = make_mesh(config.mesh)
+    model, model_config = load_model(
+        config.model, config.model.path, mesh, param_dtype=config.model.param_dtype, tokenizer=config.data.tokenizer
+    )
+    graphdef, params = nnx.split(model)
+    total_steps = estimated_steps(config, task)
+    tx, schedule = make_optimizer(config.optim, total_steps)
+    state = new_train_state(params, tx, mesh, seed=config.seed)
+    if jax.process_index() == 0:
+        dump_config(config, run_dir / "config.yaml")
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    logprob_fn = make_logprob_fn(
+        graphdef,
+        chunk_size=lm_head_chunk_size(config, task, mesh, model_config.vocab_size),
+        packed=rows_are_packed(config, task),
+    )
+    train_data = make_iterator(config.data, task=task, split="train")
+    checkpointer = Checkpointer(run_dir / "checkpoints", config.checkpoint)
+    start_step = 0
+    latest = checkpointer.latest_step
+    if latest is not None and not config.checkpoint.resume:
+        raise ConfigError(
+            f"{run_dir} already has checkpoints (newest: step {latest}) and checkpoint.resume is false: "
+            "use a new run_dir, or resume"
+        )
+    if latest is not None:
+        state, data_state = checkpointer.restore(latest, abstract_like(state))
+        if data_state is not None:
+            train_data.set_state(data_state)
+        start_step = int(state.step)
+    ref_params, host_transform = _reference(config, mesh) if task == "dpo" else (None, None)
+    jitted = build_train_step(
+        task,
+        logprob_fn=logprob_fn,
+        tx=tx,
+        schedule=schedule,
+        state_shardings=state_shardings,
+        micro_batches=config.micro_batches,
+        spec=spec,
+    )
+    sharding_for = rows_sharded(mesh)
+
+    def eval_batches():
+        """Every eval batch as global device arrays (DPO batches keep their ``pair_mask``)."""
+        for batch in make_iterator(config.data, task=task, split="eval"):
+            if host_transform is not None:
+                batch = host_transform(batch, pair_mask=batch.get("pair_mask"))
+            yield place_batch(batch, sharding_for)
+
+    evaluate = None
+    if config.has_eval():
+        if task == "sft":
+            evaluate = sft_evaluator(logprob_fn, eval_batches)
+        else:
+            evaluate = dpo_evaluator(logprob_fn, eval_batches, ref_params=ref_params, spec=spec)
+    diagnoses: list[str] = []
+    watchers = [NonFiniteWatcher(lambda: checkpointer.latest_step)]
+    if config.diagnostics.zero_grad_patience > 0:
+        watchers.append(ZeroGradientWatcher(patience=config.diagnostics.zero_grad_patience, report=_reporter(diagnoses)))
+    if task == "dpo" and config.diagnostics.stall_patience > 0:
+        watchers.append(
+            DpoStallWatcher(
+                patience=config.diagnostics.stall_patience,
+                tolerance=config.diagnostics.stall_tolerance,
+                loss_types=spec.loss_type,
+                beta=spec.beta,
+                report=_reporter(diagnoses),
+            )
+        )
+    return Run(
+        config=config,
+        task=task,
+        mesh=mesh,
+        graphdef=graphdef,
+        model_config=model_config,
+        state=state,
+        start_step=start_step,
+        total_steps=total_steps,
+        step=lambda state, batch: jitted(state, batch, ref_params),
+        train_data=train_data,
+        host_transform=host_transform,
+        evaluate=evaluate,
+        checkpointer=checkpointer,
+        watchers=tuple(watchers),
+        diagnoses=diagnoses,
+    )

@@ -1,0 +1,47 @@
+"""Held-out evaluation of SFT and DPO runs: ``state -> {metric: value}`` over every eval batch.
+
+SFT sums NLL and trained tokens over the whole split and divides once; DPO
+gathers every pair (with its padding mask) on every process, so the metrics are
+global and computed as TRL logs them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+
+import jax
+from jax.experimental import multihost_utils
+
+from jaxrlhf.train import steps
+
+
+def sft_evaluator(logprob_fn: steps.LogprobFn, eval_batches: Callable[[], Iterator[dict]]):
+    """``state -> {"loss": nats per trained token, "trained_tokens"}`` over the eval split."""
+    eval_sums = jax.jit(functools.partial(steps.sft_eval_sums, logprob_fn=logprob_fn))
+
+    def evaluate(state) -> dict[str, float]:
+        nll, tokens = 0.0, 0.0
+        for batch in eval_batches():
+            sums = jax.device_get(eval_sums(state.params, batch))
+            nll += float(sums["nll_sum"])
+            tokens += float(sums["trained_tokens"])
+        return {"loss": nll / max(tokens, 1.0), "trained_tokens": tokens}
+
+    return evaluate
+
+
+def dpo_evaluator(
+    logprob_fn: steps.LogprobFn, eval_batches: Callable[[], Iterator[dict]], *, ref_params, spec: steps.DpoLossSpec
+):
+    """``state -> DPO metrics`` (loss, rewards, margins, accuracies) over every eval pair."""
+    eval_pairs = jax.jit(functools.partial(steps.dpo_eval_pairs, logprob_fn=logprob_fn))
+
+    def evaluate(state) -> dict[str, float]:
+        pairs = [
+            multihost_utils.process_allgather(eval_pairs(state.params, batch, ref_params=ref_params), tiled=True)
+            for batch in eval_batches()
+        ]
+        return steps.dpo_eval_metrics(pairs, spec)
+
+    return evaluate

@@ -1,0 +1,179 @@
+"""The typed run configs of `jaxrlhf sft` and `jaxrlhf dpo` (YAML + dotted overrides via draccus).
+
+``TrainConfig`` holds what both algorithms share (model, data, optimizer, mesh,
+checkpoints, logging, the run's length); ``SftConfig`` and ``DpoConfig`` add
+their own defaults and settings. ``model_config_of`` turns the ``model`` section
+into the architecture the decoder is built from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+from jaxrlhf.config import ConfigError
+from jaxrlhf.data import DataConfig, load_tokenizer
+from jaxrlhf.models import ModelConfig, config_from_hf
+from jaxrlhf.models.presets import preset
+from jaxrlhf.parallel.mesh import MeshConfig
+from jaxrlhf.train import steps
+from jaxrlhf.train.checkpoint import CheckpointConfig
+from jaxrlhf.train.optim import OptimConfig
+from jaxrlhf.train.sinks import LoggingConfig
+
+
+@dataclasses.dataclass
+class ModelArgs:
+    path: str = ""
+    """Local Hugging Face model folder (config.json + safetensors)."""
+    preset: str = ""
+    """Instead of a folder: a preset shape with random weights (tiny, qwen2.5-0.5b, qwen2.5-1.5b, llama3-8b)."""
+    dtype: str = "bfloat16"
+    """Compute dtype of activations and matmuls."""
+    param_dtype: str = "float32"
+    """Storage dtype of the trained parameters (the master weights)."""
+    remat: str = "none"
+    """Per-layer rematerialisation: none | full | dots_saveable."""
+    scan_layers: bool = True
+    attention_impl: str = "xla"
+    """xla | cudnn (GPU flash attention)."""
+    chunk_size: int = 0
+    """Sequence positions per LM-head chunk; 0 = automatic (about 256 MiB of logits per chunk)."""
+
+
+@dataclasses.dataclass
+class DistributedArgs:
+    coordinator_address: str | None = None
+    """host:port of process 0; leave empty on TPU pods and SLURM (auto-detected) and on one host."""
+    num_processes: int | None = None
+    process_id: int | None = None
+    force: bool = False
+    """Start jax.distributed with JAX's own cluster detection even without an environment hint
+    (TPU VMs started with `gcloud ... --worker=all`); scripts/launch_tpu_pod.sh sets it."""
+
+
+@dataclasses.dataclass
+class DiagnosticsConfig:
+    stall_patience: int = 20
+    """Explain a DPO loss stuck within stall_tolerance of ln 2 (with ~0 margins) for this many steps; 0 = off."""
+    stall_tolerance: float = 1e-3
+    zero_grad_patience: int = 3
+    """Explain a gradient norm of ~0 (< 1e-6) for this many steps; 0 = off."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings shared by SFT and DPO runs."""
+
+    run_dir: str = "runs/run"
+    """Checkpoints, metrics.jsonl, TensorBoard, the resolved config.yaml and the exported model go here."""
+    seed: int = 0
+    model: ModelArgs = dataclasses.field(default_factory=ModelArgs)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    distributed: DistributedArgs = dataclasses.field(default_factory=DistributedArgs)
+    max_steps: int = 0
+    """Optimizer steps; 0 = one pass over data.num_epochs (estimated from the record count)."""
+    micro_batches: int = 1
+    """Gradient accumulation: the global batch is split into this many micro-batches."""
+    eval_every: int = 0
+    """Evaluate on the held-out split every N steps (and at the end); 0 = only at the end."""
+    eval_at_start: bool = True
+    """Also evaluate before the first step, as the baseline the run is measured against."""
+    export: bool = True
+    """Write a Hugging Face folder to <run_dir>/hf at the end."""
+    stop_after_steps: int = 0
+    """Stop (with a checkpoint) after this many steps of this invocation; 0 = run to the end. For tests."""
+    diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
+    dry_run: bool = False
+    """Compile the step on abstract arrays and print per-device memory; train nothing, read no data or weights."""
+    dry_run_devices: int = 0
+    """With dry_run: plan on this many fake CPU devices (a laptop planning a pod run); 0 = the real devices."""
+
+    def has_eval(self) -> bool:
+        return bool(self.data.eval) or self.data.eval_fraction > 0
+
+
+@dataclasses.dataclass
+class SftConfig(TrainConfig):
+    run_dir: str = "runs/sft"
+
+
+@dataclasses.dataclass
+class DpoArgs:
+    beta: float = 0.1
+    loss_type: list[str] = dataclasses.field(default_factory=lambda: ["sigmoid"])
+    """One or more of jaxrlhf.ops.losses.DPO_LOSSES; several are summed with loss_weights."""
+    loss_weights: list[float] | None = None
+    label_smoothing: float = 0.0
+    discopop_tau: float = 0.05
+    reference: str = "model"
+    """model: a frozen reference in the same step | precomputed: from `jaxrlhf precompute-ref` | none: reference-free."""
+    reference_logps: str = ""
+    """Folder of precomputed reference log-probs; empty = <run_dir>/ref_logps."""
+    reference_path: str = ""
+    """Reference model folder; empty = the policy's starting point (model.path)."""
+    reference_dtype: str = "bfloat16"
+    """Storage dtype of the frozen reference parameters."""
+
+    def spec(self, micro_batches: int = 1) -> steps.DpoLossSpec:
+        """The loss settings, checked: a mistake here is a ConfigError before any model is loaded."""
+        if self.reference not in ("model", "precomputed", "none"):
+            raise ConfigError(f"dpo.reference must be model, precomputed or none, got {self.reference!r}")
+        try:
+            spec = steps.DpoLossSpec(
+                beta=self.beta,
+                loss_type=tuple(self.loss_type),
+                loss_weights=None if self.loss_weights is None else tuple(self.loss_weights),
+                label_smoothing=self.label_smoothing,
+                discopop_tau=self.discopop_tau,
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if spec.sorts_across_batch and micro_batches > 1:
+            raise ConfigError(
+                f"dpo.loss_type {list(spec.loss_type)} sorts pairs across the batch, which micro-batches would "
+                "change: use micro_batches: 1 with aot losses"
+            )
+        return spec
+
+
+@dataclasses.dataclass
+class DpoConfig(TrainConfig):
+    run_dir: str = "runs/dpo"
+    dpo: DpoArgs = dataclasses.field(default_factory=DpoArgs)
+
+    def reference_model_path(self) -> str:
+        """The reference model's folder: dpo.reference_path, else the policy's starting point."""
+        return self.dpo.reference_path or self.model.path
+
+    def reference_folder(self) -> str:
+        """Where `jaxrlhf precompute-ref` writes, and `reference: precomputed` reads, the reference log-probs."""
+        return self.dpo.reference_logps or str(pathlib.Path(self.run_dir) / "ref_logps")
+
+
+def model_config_of(args: ModelArgs, path: str, *, param_dtype: str, tokenizer: str = "") -> ModelConfig:
+    """The architecture (from the folder's config.json, or the preset) with the run's dtypes and switches."""
+    runtime = dict(
+        dtype=args.dtype,
+        param_dtype=param_dtype,
+        remat=args.remat,
+        scan_layers=args.scan_layers,
+        attention_impl=args.attention_impl,
+    )
+    if args.preset:
+        vocab = len(load_tokenizer(tokenizer)) if args.preset == "tiny" else None
+        return preset(args.preset, vocab_size=vocab, **runtime)
+    config_file = pathlib.Path(path) / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} not found: model.path must be a local Hugging Face model folder")
+    return config_from_hf(json.loads(config_file.read_text()), **runtime)
+
+
+def rows_are_packed(config: TrainConfig, task: str) -> bool:
+    """Whether rows may hold several examples; padded rows (DPO always) need no segment mask in attention."""
+    return task == "sft" and config.data.packing != "none"
