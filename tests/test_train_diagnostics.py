@@ -88,10 +88,11 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(base_model, tmp_pa
     from jaxrlhf.commands.sft import run_sft
     from train_fixtures import sft_config
 
-    # A NaN learning rate poisons the weights at the first update: step 1's loss is finite, step 2's is not.
+    # An absurd learning rate blows the weights up at the first update: step 1's loss is finite, step 2's is not.
+    # (A NaN learning rate, the classic way to get there, is now refused as a config error.)
     config = sft_config(
         tmp_path / "run", base_model, max_steps=30, checkpoint=CheckpointConfig(save_every=1),
-        optim=OptimConfig(learning_rate=float("nan"), max_grad_norm=0.0),
+        optim=OptimConfig(learning_rate=1e30, max_grad_norm=0.0),
     )  # fmt: skip
     with pytest.raises(TrainingDiverged, match=r"step (\d+): .*last good checkpoint \(step (\d+)\) is kept") as info:
         run_sft(config)

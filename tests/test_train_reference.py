@@ -42,7 +42,7 @@ def test_precomputed_reference_dpo_equals_live_reference_dpo(base_model, tmp_pat
 
 
 def test_changed_model_tokenizer_or_data_is_refused(base_model, tmp_path):
-    pre = dpo_config(tmp_path / "pre", base_model, max_steps=1, dpo=DpoArgs(reference="precomputed"))
+    pre = dpo_config(tmp_path / "pre", base_model, max_steps=2, dpo=DpoArgs(reference="precomputed"))
     run_precompute_ref(pre)
     # A different max_length encodes different pairs.
     with pytest.raises(StaleReference, match="encoding settings"):

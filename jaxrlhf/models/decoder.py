@@ -69,13 +69,25 @@ _ACTIVATION_AXES = ("batch", "seq", "act_embed")
 _NO_WINDOW = np.iinfo(np.int32).max
 
 
-def _param(initializer, rngs: nnx.Rngs, shape, logical_axes, config: ModelConfig) -> nnx.Param:
+def _param(initializer, rngs: nnx.Rngs, shape, logical_axes, config: ModelConfig, *, decay_group: str) -> nnx.Param:
+    """A parameter with its logical axes and its weight-decay group (kernel | embedding | none), decided here,
+    where it is made: rank cannot tell a stacked norm scale ``[L, D]`` from a kernel."""
     value = initializer(rngs.params(), tuple(shape), jnp.dtype(config.param_dtype))
-    return nnx.Param(value, logical_axes=tuple(logical_axes))
+    return nnx.Param(value, logical_axes=tuple(logical_axes), decay_group=decay_group)
 
 
 def _normal(config: ModelConfig):
     return jax.nn.initializers.normal(config.initializer_range)
+
+
+def _kernel(rngs: nnx.Rngs, shape, logical_axes, config: ModelConfig) -> nnx.Param:
+    """A linear layer's weight: decayed."""
+    return _param(_normal(config), rngs, shape, logical_axes, config, decay_group="kernel")
+
+
+def _bias(rngs: nnx.Rngs, shape, logical_axes, config: ModelConfig) -> nnx.Param:
+    """A linear layer's bias: never decayed."""
+    return _param(jax.nn.initializers.zeros, rngs, shape, logical_axes, config, decay_group="none")
 
 
 class RMSNorm(nnx.Module):
@@ -84,7 +96,8 @@ class RMSNorm(nnx.Module):
     def __init__(self, size: int, config: ModelConfig, *, stack: tuple[int, ...], rngs: nnx.Rngs):
         self.eps = config.rms_norm_eps
         layers = ("layers",) * len(stack)
-        self.scale = _param(jax.nn.initializers.ones, rngs, (*stack, size), (*layers, "norm"), config)
+        ones = jax.nn.initializers.ones
+        self.scale = _param(ones, rngs, (*stack, size), (*layers, "norm"), config, decay_group="none")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -180,21 +193,16 @@ class Attention(nnx.Module):
         self.config = config
         d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         layers = ("layers",) * len(stack)
-        normal, zeros = _normal(config), jax.nn.initializers.zeros
-        self.q_proj = _param(normal, rngs, (*stack, d, h, hd), (*layers, "embed", "heads", "head_dim"), config)
-        self.k_proj = _param(normal, rngs, (*stack, d, kv, hd), (*layers, "embed", "kv_heads", "head_dim"), config)
-        self.v_proj = _param(normal, rngs, (*stack, d, kv, hd), (*layers, "embed", "kv_heads", "head_dim"), config)
-        self.o_proj = _param(normal, rngs, (*stack, h, hd, d), (*layers, "heads", "head_dim", "embed"), config)
+        self.q_proj = _kernel(rngs, (*stack, d, h, hd), (*layers, "embed", "heads", "head_dim"), config)
+        self.k_proj = _kernel(rngs, (*stack, d, kv, hd), (*layers, "embed", "kv_heads", "head_dim"), config)
+        self.v_proj = _kernel(rngs, (*stack, d, kv, hd), (*layers, "embed", "kv_heads", "head_dim"), config)
+        self.o_proj = _kernel(rngs, (*stack, h, hd, d), (*layers, "heads", "head_dim", "embed"), config)
         # Absent parameters are None (a static attribute), decided once per config.
         qkv_bias = config.qkv_bias
-        self.q_bias = _param(zeros, rngs, (*stack, h, hd), (*layers, "heads", "head_dim"), config) if qkv_bias else None
-        self.k_bias = (
-            _param(zeros, rngs, (*stack, kv, hd), (*layers, "kv_heads", "head_dim"), config) if qkv_bias else None
-        )
-        self.v_bias = (
-            _param(zeros, rngs, (*stack, kv, hd), (*layers, "kv_heads", "head_dim"), config) if qkv_bias else None
-        )
-        self.o_bias = _param(zeros, rngs, (*stack, d), (*layers, "embed"), config) if config.o_bias else None
+        self.q_bias = _bias(rngs, (*stack, h, hd), (*layers, "heads", "head_dim"), config) if qkv_bias else None
+        self.k_bias = _bias(rngs, (*stack, kv, hd), (*layers, "kv_heads", "head_dim"), config) if qkv_bias else None
+        self.v_bias = _bias(rngs, (*stack, kv, hd), (*layers, "kv_heads", "head_dim"), config) if qkv_bias else None
+        self.o_bias = _bias(rngs, (*stack, d), (*layers, "embed"), config) if config.o_bias else None
         self.q_norm = RMSNorm(hd, config, stack=stack, rngs=rngs) if config.qk_norm else None
         self.k_norm = RMSNorm(hd, config, stack=stack, rngs=rngs) if config.qk_norm else None
 
@@ -249,14 +257,13 @@ class MLP(nnx.Module):
         self.config = config
         d, f = config.hidden_size, config.intermediate_size
         layers = ("layers",) * len(stack)
-        normal, zeros = _normal(config), jax.nn.initializers.zeros
-        self.gate_proj = _param(normal, rngs, (*stack, d, f), (*layers, "embed", "mlp"), config)
-        self.up_proj = _param(normal, rngs, (*stack, d, f), (*layers, "embed", "mlp"), config)
-        self.down_proj = _param(normal, rngs, (*stack, f, d), (*layers, "mlp", "embed"), config)
+        self.gate_proj = _kernel(rngs, (*stack, d, f), (*layers, "embed", "mlp"), config)
+        self.up_proj = _kernel(rngs, (*stack, d, f), (*layers, "embed", "mlp"), config)
+        self.down_proj = _kernel(rngs, (*stack, f, d), (*layers, "mlp", "embed"), config)
         bias = config.mlp_bias
-        self.gate_bias = _param(zeros, rngs, (*stack, f), (*layers, "mlp"), config) if bias else None
-        self.up_bias = _param(zeros, rngs, (*stack, f), (*layers, "mlp"), config) if bias else None
-        self.down_bias = _param(zeros, rngs, (*stack, d), (*layers, "embed"), config) if bias else None
+        self.gate_bias = _bias(rngs, (*stack, f), (*layers, "mlp"), config) if bias else None
+        self.up_bias = _bias(rngs, (*stack, f), (*layers, "mlp"), config) if bias else None
+        self.down_bias = _bias(rngs, (*stack, d), (*layers, "embed"), config) if bias else None
 
     def _linear(self, x, kernel, bias):
         y = x @ kernel[...].astype(x.dtype)
@@ -288,13 +295,14 @@ class Decoder(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.embed = _param(_normal(config), rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config)
+        v, d, normal = config.vocab_size, config.hidden_size, _normal(config)
+        self.embed = _param(normal, rngs, (v, d), ("vocab", "embed"), config, decay_group="embedding")
         self.layers = Block(config, stack=(config.num_layers,), rngs=rngs)
         self.final_norm = RMSNorm(config.hidden_size, config, stack=(), rngs=rngs)
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else _param(_normal(config), rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), config)
+            else _param(normal, rngs, (d, v), ("embed", "vocab"), config, decay_group="embedding")
         )
 
     def lm_head_matrix(self) -> jax.Array:

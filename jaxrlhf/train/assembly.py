@@ -30,7 +30,7 @@ from jaxrlhf.models import (
 )
 from jaxrlhf.parallel.distributed import initialize_distributed
 from jaxrlhf.parallel.mesh import make_mesh
-from jaxrlhf.train.checkpoint import Checkpointer, abstract_like
+from jaxrlhf.train.checkpoint import Checkpointer
 from jaxrlhf.train.diagnostics import (
     DpoStallWatcher,
     NonFiniteWatcher,
@@ -44,10 +44,12 @@ from jaxrlhf.train.run_config import (
     DpoConfig,
     ModelArgs,
     TrainConfig,
+    changed_settings,
+    checkpoint_meaning,
     model_config_of,
     rows_are_packed,
 )
-from jaxrlhf.train.step_assembly import build_train_step, new_train_state
+from jaxrlhf.train.step_assembly import abstract_train_state, build_train_step, new_train_state
 from jaxrlhf.train.steps import TrainState
 
 
@@ -169,42 +171,79 @@ def _reference(config: DpoConfig, mesh):
     return None, None
 
 
+def _restore(checkpointer: Checkpointer, step: int, config: TrainConfig, tx, mesh):
+    """``(graphdef, model_config, state, data_state)`` of checkpoint ``step``, restored onto an abstract
+    state: neither the base weights nor a fresh optimizer state are ever materialised."""
+    model_config = model_config_of(
+        config.model, config.model.path, param_dtype=config.model.param_dtype, tokenizer=config.data.tokenizer
+    )
+    graphdef, abstract = abstract_train_state(model_config, tx, mesh)
+    try:
+        state, data_state = checkpointer.restore(step, abstract)
+    except ValueError as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(
+            f"checkpoint step {step} of {config.run_dir} does not fit this run's train state ({first}): the model "
+            "or optimizer settings changed in a way the saved state cannot follow; use a new run_dir"
+        ) from None
+    return graphdef, model_config, state, data_state
+
+
 def assemble(config: TrainConfig, task: str) -> Run:
-    """Build the run ``config`` describes for ``task`` (sft | dpo), resuming from its newest checkpoint."""
+    """Build the run ``config`` describes for ``task`` (sft | dpo), resuming from its newest checkpoint.
+
+    On resume the checkpoint's own record of the run (its length, the settings that
+    give it its meaning) is read first: a changed setting is an error naming each
+    key (unless ``checkpoint.allow_config_change``), the data is not counted again,
+    and the state is restored straight into its shards.
+    """
     spec = config.dpo.spec(config.micro_batches) if task == "dpo" else None
+    config.optim.check()
     d = config.distributed
     initialize_distributed(d.coordinator_address, d.num_processes, d.process_id, force=d.force)
     run_dir = pathlib.Path(config.run_dir)
     mesh = make_mesh(config.mesh)
-    model, model_config = load_model(
-        config.model, config.model.path, mesh, param_dtype=config.model.param_dtype, tokenizer=config.data.tokenizer
-    )
-    graphdef, params = nnx.split(model)
-    total_steps = estimated_steps(config, task)
-    tx, schedule = make_optimizer(config.optim, total_steps)
-    state = new_train_state(params, tx, mesh, seed=config.seed)
-    if jax.process_index() == 0:
-        dump_config(config, run_dir / "config.yaml")
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    logprob_fn = make_logprob_fn(
-        graphdef,
-        chunk_size=lm_head_chunk_size(config, task, mesh, model_config.vocab_size),
-        packed=rows_are_packed(config, task),
-    )
-    train_data = make_iterator(config.data, task=task, split="train")
     checkpointer = Checkpointer(run_dir / "checkpoints", config.checkpoint)
-    start_step = 0
     latest = checkpointer.latest_step
     if latest is not None and not config.checkpoint.resume:
         raise ConfigError(
             f"{run_dir} already has checkpoints (newest: step {latest}) and checkpoint.resume is false: "
             "use a new run_dir, or resume"
         )
-    if latest is not None:
-        state, data_state = checkpointer.restore(latest, abstract_like(state))
-        if data_state is not None:
-            train_data.set_state(data_state)
+    meaning = checkpoint_meaning(config, task)
+    saved = checkpointer.saved_meta(latest) if latest is not None else None
+    changes = changed_settings(saved["config"], meaning) if saved is not None else []
+    if changes and not config.checkpoint.allow_config_change:
+        raise ConfigError(
+            f"{run_dir} holds a checkpoint (step {latest}) of a run with other settings: " + "; ".join(changes)
+            + ". Resume with the original settings, use a new run_dir, or pass --checkpoint.allow_config_change true"
+        )
+    if latest is None:
+        model, model_config = load_model(
+            config.model, config.model.path, mesh, param_dtype=config.model.param_dtype, tokenizer=config.data.tokenizer
+        )
+        graphdef, params = nnx.split(model)
+    total_steps = saved["total_steps"] if saved is not None and not changes else estimated_steps(config, task)
+    config.optim.check(total_steps)
+    tx, schedule = make_optimizer(config.optim, total_steps)
+    data_state, start_step = None, 0
+    if latest is None:
+        state = new_train_state(params, tx, mesh, seed=config.seed)
+    else:
+        graphdef, model_config, state, data_state = _restore(checkpointer, latest, config, tx, mesh)
         start_step = int(state.step)
+    checkpointer.meta = {"total_steps": total_steps, "config": meaning}
+    if jax.process_index() == 0:
+        dump_config(config, run_dir / "config.yaml")
+    train_data = make_iterator(config.data, task=task, split="train")
+    if data_state is not None:
+        train_data.set_state(data_state)
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    logprob_fn = make_logprob_fn(
+        graphdef,
+        chunk_size=lm_head_chunk_size(config, task, mesh, model_config.vocab_size),
+        packed=rows_are_packed(config, task),
+    )
     ref_params, host_transform = _reference(config, mesh) if task == "dpo" else (None, None)
     jitted = build_train_step(
         task,

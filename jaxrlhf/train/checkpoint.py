@@ -8,7 +8,9 @@ drops and packs its own slice.
 
 One ``CheckpointManager`` per run directory keeps the last N checkpoints, saves
 every K steps asynchronously, and restores onto whatever mesh the abstract state
-describes, so a run can resume on a different mesh shape.
+describes, so a run can resume on a different mesh shape. Each checkpoint also
+holds a small JSON ``meta`` item (the run's length and the settings that give the
+checkpoint its meaning), read before anything is built on resume.
 """
 
 from __future__ import annotations
@@ -31,11 +33,15 @@ class CheckpointConfig:
     async_save: bool = True
     resume: bool = True
     """Resume from the newest checkpoint in the run directory when there is one."""
+    allow_config_change: bool = False
+    """Resume even when settings that change what the checkpoint means (model, data, loss, optimizer) differ
+    from the checkpoint's; micro_batches and the mesh may always change."""
 
 
 class Checkpointer:
-    def __init__(self, directory: pathlib.Path, config: CheckpointConfig):
+    def __init__(self, directory: pathlib.Path, config: CheckpointConfig, *, meta: dict | None = None):
         self.config = config
+        self.meta = meta
         options = ocp.CheckpointManagerOptions(
             max_to_keep=config.keep,
             enable_async_checkpointing=config.async_save,
@@ -48,12 +54,17 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def is_due(self, step: int) -> bool:
+        """Whether ``save(step, ...)`` without ``force`` would write a checkpoint."""
+        return self.config.save_every > 0 and step % self.config.save_every == 0
+
     def save(self, step: int, state, data_state: dict | None, *, force: bool = False) -> bool:
         """Save every ``save_every`` steps, or now with ``force``; a step already saved is skipped."""
-        due = force or (self.config.save_every > 0 and step % self.config.save_every == 0)
-        if not due or step in self._manager.all_steps():
+        if not (force or self.is_due(step)) or step in self._manager.all_steps():
             return False
         args = {"state": ocp.args.StandardSave(state)}
+        if self.meta is not None:
+            args["meta"] = ocp.args.JsonSave(self.meta)
         if data_state is not None:
             args["data"] = grain.checkpoint.CheckpointSave(_DataPosition(data_state))
         # The interval is decided above; orbax's own policy would also save the very first step.
@@ -71,6 +82,12 @@ class Checkpointer:
             args["data"] = grain.checkpoint.CheckpointRestore(position)
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         return restored["state"], None if position is None else position.state
+
+    def saved_meta(self, step: int) -> dict | None:
+        """The ``meta`` item of checkpoint ``step`` (None for checkpoints written without one)."""
+        if not (self._directory / str(step) / "meta").exists():
+            return None
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def close(self) -> None:
         self._manager.wait_until_finished()

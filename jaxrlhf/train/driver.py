@@ -30,7 +30,9 @@ def export_model(graphdef, params, model_config, out: pathlib.Path, *, tokenizer
 def train(run: Run) -> dict:
     """Train ``run`` to its end (or ``stop_after_steps``, SIGTERM, exhausted data); returns the summary."""
     config = run.config
-    sinks = MetricSinks(run.run_dir, config.logging, run_config=dataclasses.asdict(config))
+    sinks = MetricSinks(
+        run.run_dir, config.logging, run_config=dataclasses.asdict(config), start_step=run.start_step
+    )
     progress = ProgressBar(run.total_steps, enabled=config.logging.progress_bar, description=run.task)
     progress.update(run.start_step, {})
     batches = DevicePrefetcher(
@@ -55,6 +57,7 @@ def train(run: Run) -> dict:
                 eval_every=config.eval_every,
                 eval_at_start=config.eval_at_start,
                 watchers=run.watchers,
+                agree_every=config.distributed.agree_every,
             )
     finally:
         batches.close()

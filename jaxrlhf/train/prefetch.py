@@ -21,6 +21,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 _END = object()
+Stopped = object()
+"""What ``DevicePrefetcher.next`` returns when its ``stop`` predicate turned true while it waited."""
 
 
 def place_batch(local_batch: dict, sharding_for) -> dict:
@@ -65,13 +67,22 @@ class DevicePrefetcher:
         except BaseException as e:  # surfaced in the training thread by __next__
             self._put(e)
 
-    def __iter__(self):
-        return self
+    def next(self, stop=lambda: False, *, poll_seconds: float = 0.1):
+        """The next ``(batch, data_state)``; None at the end of the data; ``Stopped`` once ``stop()`` is true.
 
-    def __next__(self) -> tuple[dict, object]:
-        item = self._queue.get()
+        The wait polls ``stop`` (a SIGTERM flag), so slow or absent data never keeps
+        a preempted run from saving and exiting.
+        """
+        while True:
+            try:
+                item = self._queue.get(timeout=poll_seconds)
+                break
+            except queue.Empty:
+                if stop():
+                    return Stopped
         if item is _END:
-            raise StopIteration
+            self._put(_END)  # later calls see the end too
+            return None
         if isinstance(item, BaseException):
             raise item
         return item

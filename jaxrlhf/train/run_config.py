@@ -51,6 +51,9 @@ class DistributedArgs:
     force: bool = False
     """Start jax.distributed with JAX's own cluster detection even without an environment hint
     (TPU VMs started with `gcloud ... --worker=all`); scripts/launch_tpu_pod.sh sets it."""
+    agree_every: int = 10
+    """Processes agree on data left, SIGTERM and errors once per this many steps (each holds that many
+    batches in hand), not before every step; a SIGTERM is acted on within this many steps."""
 
 
 @dataclasses.dataclass
@@ -154,6 +157,42 @@ class DpoConfig(TrainConfig):
     def reference_folder(self) -> str:
         """Where `jaxrlhf precompute-ref` writes, and `reference: precomputed` reads, the reference log-probs."""
         return self.dpo.reference_logps or str(pathlib.Path(self.run_dir) / "ref_logps")
+
+
+# What a checkpoint means: the settings a resumed run must share with the run that saved it. Runtime
+# choices (compute dtype, remat, attention kernel, micro_batches, mesh, logging, loaders' threads) may change.
+_MEANINGFUL = ("seed", "max_steps", "model.path", "model.preset", "model.param_dtype", "model.scan_layers",
+               "data.", "optim.", "dpo.")  # fmt: skip
+_RUNTIME = ("data.eval", "data.eval_batch_size", "data.worker_count", "data.worker_buffer_size", "data.read_threads",
+            "data.prefetch_buffer_size", "data.cache_dir", "dpo.reference_logps")  # fmt: skip
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def checkpoint_meaning(config: TrainConfig, task: str) -> dict:
+    """The dotted settings (JSON values) that give a checkpoint of this run its meaning, with the task."""
+    flat = _flat(json.loads(json.dumps(dataclasses.asdict(config), default=str)))
+    kept = {
+        key: value
+        for key, value in flat.items()
+        if any(key == m or (m.endswith(".") and key.startswith(m)) for m in _MEANINGFUL) and key not in _RUNTIME
+    }
+    return {"task": task, **kept}
+
+
+def changed_settings(saved: dict, now: dict) -> list[str]:
+    """``key: saved -> now`` for every setting of ``checkpoint_meaning`` that differs."""
+    keys = sorted(set(saved) | set(now))
+    missing = "(unset)"
+    return [f"{k}: {saved.get(k, missing)!r} -> {now.get(k, missing)!r}" for k in keys if saved.get(k) != now.get(k)]
 
 
 def model_config_of(args: ModelArgs, path: str, *, param_dtype: str, tokenizer: str = "") -> ModelConfig:

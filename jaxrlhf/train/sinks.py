@@ -1,7 +1,10 @@
 """Where metrics go: ``metrics.jsonl``, TensorBoard, optionally Weights & Biases, and a progress bar.
 
 Only process 0 writes. Every sink takes plain Python floats keyed by name, with
-eval metrics prefixed ``eval/``.
+eval metrics prefixed ``eval/``. A resumed run starts its sinks at the step it
+resumed from: records of later steps (written by the run that crashed before its
+next checkpoint) are dropped from metrics.jsonl and purged from TensorBoard, so
+every step is logged once; a run from step 0 starts metrics.jsonl afresh.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ class LoggingConfig:
 class MetricSinks:
     """Fan-out of metrics to every configured sink; a no-op on processes other than 0."""
 
-    def __init__(self, run_dir: pathlib.Path, config: LoggingConfig, *, run_config: dict | None = None):
+    def __init__(
+        self, run_dir: pathlib.Path, config: LoggingConfig, *, run_config: dict | None = None, start_step: int = 0
+    ):
         self._active = jax.process_index() == 0
         self._jsonl = None
         self._tensorboard = None
@@ -39,11 +44,17 @@ class MetricSinks:
         if not self._active:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (run_dir / "metrics.jsonl").open("a")
+        metrics_file = run_dir / "metrics.jsonl"
+        if metrics_file.exists() and start_step > 0:
+            _drop_after(metrics_file, start_step)
+        # A run that starts from step 0 starts its log afresh; a resumed one continues it.
+        self._jsonl = metrics_file.open("a" if start_step > 0 else "w")
         if config.tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+            # purge_step drops the events of steps >= it that an interrupted run left behind.
+            purge = start_step + 1 if start_step > 0 else None
+            self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
         if config.wandb_project:
             try:
                 import wandb
@@ -76,6 +87,21 @@ class MetricSinks:
             self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _drop_after(metrics_file: pathlib.Path, step: int) -> None:
+    """Keep the records of steps <= ``step`` (and any line that is not a record: it is not ours to judge)."""
+    lines = metrics_file.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            record_step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            record_step = 0
+        if record_step <= step:
+            kept.append(line)
+    if len(kept) < len(lines):
+        metrics_file.write_text("".join(kept))
 
 
 def _plain(value: float) -> float | str:
