@@ -103,15 +103,39 @@ def test_merge_across_the_reply_boundary_does_not_shift_the_mask():
     assert trained_pieces(ex) == ["\n", "o", "k", "<|im_end|>"]
 
 
-def test_plain_completion_merged_into_the_prompt_token():
-    ex = encode_sft({"prompt": "Hel", "completion": "lo"}, TOK, max_length=16)
+def test_plain_completion_merged_into_the_prompt_token_with_whole_strings():
+    ex = encode_sft({"prompt": "Hel", "completion": "lo"}, TOK, max_length=16, string_boundary="whole")
     assert pieces(ex["tokens"]) == ["<|begin_of_text|>", "Hello", "<|endoftext|>"]
     np.testing.assert_array_equal(ex["loss_mask"], [0, 0, 1])  # the straddling token starts in the prompt
 
 
-@given(prompt=contents(nonblank=False), completion=contents())
-def test_plain_prompt_completion_rule(prompt, completion):
+def test_split_strings_train_the_first_reply_characters_a_merge_would_take():
+    record = {"prompt": "Answer: ", "completion": "yes"}
+    whole = encode_sft(record, TOK, max_length=16, string_boundary="whole")
+    assert trained_pieces(whole) == ["es", "<|endoftext|>"]  # ' y' starts in the prompt: "y" never trained
+    split = encode_sft(record, TOK, max_length=16)
+    assert trained_pieces(split) == ["y", "es", "<|endoftext|>"]
+    # The prompt is exactly what generation is given: the prompt tokenized alone.
+    prompt_ids = TOK("Answer: ", add_special_tokens=True)["input_ids"]
+    np.testing.assert_array_equal(split["tokens"][: len(prompt_ids)], prompt_ids)
+    pair = encode_dpo({"prompt": "Answer: ", "chosen": "yes", "rejected": "no"}, TOK, max_length=16)
+    assert "".join(trained_pieces(pair["chosen"])) == "yes<|endoftext|>"
+    assert "".join(trained_pieces(pair["rejected"])) == "no<|endoftext|>"
+
+
+@given(prompt=contents(), completion=contents())
+def test_split_strings_train_every_completion_character(prompt, completion):
     ex = encode_sft({"prompt": prompt, "completion": completion}, TOK, max_length=4096)
+    prompt_ids = TOK(prompt, add_special_tokens=True)["input_ids"]
+    n = len(prompt_ids)
+    np.testing.assert_array_equal(ex["tokens"][:n], prompt_ids)
+    np.testing.assert_array_equal(ex["loss_mask"], [0] * n + [1] * (len(ex["tokens"]) - n))
+    assert b"".join(token_bytes(TOK, ex["tokens"][n:-1])).decode() == completion and ex["tokens"][-1] == EOS
+
+
+@given(prompt=contents(nonblank=False), completion=contents())
+def test_plain_prompt_completion_rule_with_whole_strings(prompt, completion):
+    ex = encode_sft({"prompt": prompt, "completion": completion}, TOK, max_length=4096, string_boundary="whole")
     ids = ex["tokens"]
     assert ids[0] == BOS and ids[-1] == EOS and list(ids).count(BOS) == 1
     text = prompt + completion

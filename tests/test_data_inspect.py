@@ -130,3 +130,13 @@ def test_data_config_round_trips_through_yaml(tmp_path):
     )  # fmt: skip
     dump_config(config, tmp_path / "data.yaml")
     assert load_config(DataConfig, tmp_path / "data.yaml") == config
+
+
+def test_inspect_data_counts_prompts_that_end_inside_a_reply_token(tmp_path, capsys):
+    records = [{"prompt": "Answer: ", "completion": "yes"}, {"prompt": "Answer:", "completion": " yes"}] * 3
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    assert inspect_data(tmp_path, path, "--num_examples", "0", "--json", "true") == 0
+    err = capsys.readouterr().err
+    assert re.search(r"reply starts inside a token \(split: trained\)\s*│\s*3 │", err), err
+    assert inspect_data(tmp_path, path, "--num_examples", "0", "--json", "true", "--data.string_boundary", "whole") == 0
+    assert re.search(r"reply starts inside a token \(whole: NOT trained\)\s*│\s*3 │", capsys.readouterr().err)

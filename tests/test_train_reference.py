@@ -47,6 +47,9 @@ def test_changed_model_tokenizer_or_data_is_refused(base_model, tmp_path):
     # A different max_length encodes different pairs.
     with pytest.raises(StaleReference, match="encoding settings"):
         run_dpo(dataclasses.replace(pre, data=dataclasses.replace(pre.data, max_length=40)))
+    # Plain strings tokenized whole instead of split at the prompt encode other tokens.
+    with pytest.raises(StaleReference, match="encoding settings"):
+        run_dpo(dataclasses.replace(pre, data=dataclasses.replace(pre.data, string_boundary="whole")))
     # The same model folder with other weights.
     changed = tmp_path / "changed_model"
     shutil.copytree(base_model, changed)

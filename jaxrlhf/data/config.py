@@ -85,6 +85,10 @@ class DataConfig:
     """Train the end-of-turn token after each assistant reply (the model learns to stop)."""
     on_identical_pairs: Literal["error", "drop", "allow"] = "error"
     """DPO pairs whose chosen == rejected (their loss is stuck at ln 2 with zero gradient)."""
+    string_boundary: Literal["split", "whole"] = "split"
+    """Plain prompt/completion strings: split = tokenize the prompt alone and the completion alone (every
+    completion character trained); whole = tokenize the concatenation, and a token merged across the
+    boundary stays untrained."""
 
     packing: Literal["none", "first_fit", "best_fit"] = "none"
     """SFT only: pad each example to its own row, or pack several per row (eval is always padded)."""

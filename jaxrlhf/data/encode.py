@@ -6,13 +6,20 @@ The loss-mask rule, for every format: the text is tokenized ONCE, whole, and
 
 where an assistant span is the reply as the chat template renders it (some
 templates trim it) plus its end-of-turn marker (``train_on_eot=False``: without
-the marker); for untemplated prompt/completion strings the span is the
-completion, and the EOS appended after it is trained; for ``{"text"}`` all of the
-text and the EOS. Tokens with no characters (a BOS the tokenizer's
-post-processor adds) are never in a span. A token that straddles a span's start
-(a BPE merge across the prompt/reply boundary) starts in the prompt, so it is not
-trained; the tokens after it are unaffected: the mask never shifts. Finally
-``loss_mask[0] = 0``: the first token has no context to be predicted from.
+the marker); for ``{"text"}`` all of the text and the EOS. Tokens with no
+characters (a BOS the tokenizer's post-processor adds) are never in a span. A
+token that straddles a span's start (a BPE merge across the prompt/reply
+boundary) starts in the prompt, so it is not trained; the tokens after it are
+unaffected: the mask never shifts. Finally ``loss_mask[0] = 0``: the first token
+has no context to be predicted from.
+
+Untemplated prompt/completion strings (SFT, and DPO string pairs) follow
+``string_boundary``. ``split`` (the default): the prompt is tokenized alone, as
+generation will see it, the completion alone after it, and every completion
+token plus the EOS is trained, so a prompt ending inside a merge ("Answer: " +
+"yes" is ``' y'`` whole) cannot take the reply's first characters with it.
+``whole``: the concatenated text is tokenized once and the rule above applies
+(the merged token is not trained; ``boundary_merged`` tells when that happens).
 
 Rendered templates are tokenized with ``add_special_tokens=False`` (the template
 writes its own BOS); plain strings with the tokenizer's special tokens (as TRL).
@@ -39,7 +46,7 @@ from jaxrlhf.data.config import Columns
 from jaxrlhf.data.errors import ExampleDropped
 from jaxrlhf.data.formats import Chat, Plain, Text, parse_preference, parse_sft, record_origin
 
-__all__ = ["encode_sft", "encode_dpo"]
+__all__ = ["boundary_merged", "encode_dpo", "encode_sft"]
 
 
 @dataclasses.dataclass
@@ -73,9 +80,31 @@ def _eos_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def _plain(tokenizer, prompt: str, completion: str) -> _Sequence:
+def _split_plain(tokenizer, prompt: str, completion: str):
+    """Prompt tokens (with the tokenizer's special tokens around them), then the completion's own tokens."""
+    encoding = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
+    ids = np.asarray(encoding["input_ids"], np.int32)
+    offsets = np.asarray(encoding["offset_mapping"], np.int64).reshape(-1, 2)
+    # Special tokens the post-processor appends after the text (an EOS) belong after the completion.
+    real = np.flatnonzero(offsets[:, 1] > offsets[:, 0])
+    body_end = int(real[-1]) + 1 if len(real) else int(np.sum(np.cumprod(offsets[:, 1] == 0)))
+    reply = tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True)
+    reply_ids = np.asarray(reply["input_ids"], np.int32)
+    reply_ends = np.asarray(reply["offset_mapping"], np.int64).reshape(-1, 2)[:, 1] + len(prompt)
+    text_end = len(prompt) + len(completion)
+    tokens = np.concatenate([ids[:body_end], reply_ids, ids[body_end:]])
+    after = len(ids) - body_end
+    mask = np.concatenate([np.zeros(body_end, np.int32), np.ones(len(reply_ids), np.int32), np.zeros(after, np.int32)])
+    ends = np.concatenate([offsets[:body_end, 1], reply_ends, np.full(after, text_end)])
+    return tokens, mask, ends
+
+
+def _plain(tokenizer, prompt: str, completion: str, *, string_boundary: str = "split") -> _Sequence:
     text = prompt + completion
-    tokens, mask, ends = _tokenize(tokenizer, text, [(len(prompt), len(text))], add_special_tokens=True)
+    if string_boundary == "split" and prompt:  # without a prompt there is no boundary to split at
+        tokens, mask, ends = _split_plain(tokenizer, prompt, completion)
+    else:
+        tokens, mask, ends = _tokenize(tokenizer, text, [(len(prompt), len(text))], add_special_tokens=True)
     eos = _eos_id(tokenizer)
     if len(tokens) and tokens[-1] == eos:  # the text (or the post-processor) already ends with EOS
         mask[-1] = 1
@@ -97,9 +126,9 @@ def _chat(tokenizer, chat: Chat, *, template, label, train_on_eot, origin) -> _S
     return _Sequence(tokens, mask, ends, protected)
 
 
-def _sequence(example, tokenizer, *, chat_template, train_on_eot, origin) -> _Sequence:
+def _sequence(example, tokenizer, *, chat_template, train_on_eot, origin, string_boundary="split") -> _Sequence:
     if isinstance(example, Plain):
-        return _plain(tokenizer, example.prompt, example.completion)
+        return _plain(tokenizer, example.prompt, example.completion, string_boundary=string_boundary)
     if isinstance(example, Text):
         return _plain(tokenizer, "", example.text)
     template = chat_lib.template_text(tokenizer, chat_template)
@@ -169,6 +198,7 @@ def encode_sft(
     truncation: str = "drop",
     train_on_eot: bool = True,
     chat_template: str | None = None,
+    string_boundary: str = "split",
     columns: Columns | None = None,
     fmt: str = "auto",
     origin=None,
@@ -182,7 +212,11 @@ def encode_sft(
     columns = columns or Columns()
     origin = record_origin(record, origin, columns)
     example = parse_sft(record, columns=columns, fmt=fmt, origin=origin)
-    sequence = _sequence(example, tokenizer, chat_template=chat_template, train_on_eot=train_on_eot, origin=origin)
+    validate.check_string_boundary(string_boundary)
+    sequence = _sequence(
+        example, tokenizer, chat_template=chat_template, train_on_eot=train_on_eot, origin=origin,
+        string_boundary=string_boundary,
+    )  # fmt: skip
     (sequence,) = _fit(
         [sequence],
         max_length=max_length,
@@ -204,6 +238,7 @@ def encode_dpo(
     train_on_eot: bool = True,
     on_identical_pairs: str = "error",
     chat_template: str | None = None,
+    string_boundary: str = "split",
     columns: Columns | None = None,
     fmt: str = "auto",
     origin=None,
@@ -218,7 +253,8 @@ def encode_dpo(
     origin = record_origin(record, origin, columns)
     pair = parse_preference(record, columns=columns, fmt=fmt, origin=origin)
     validate.check_pair(pair.identical, on_identical_pairs, origin)
-    kw = dict(chat_template=chat_template, train_on_eot=train_on_eot, origin=origin)
+    validate.check_string_boundary(string_boundary)
+    kw = dict(chat_template=chat_template, train_on_eot=train_on_eot, origin=origin, string_boundary=string_boundary)
     sides = [_sequence(pair.side(which), tokenizer, **kw) for which in ("chosen", "rejected")]
     # Replies that differ only in what the template trims (whitespace) still make the same tokens.
     same_tokens = np.array_equal(sides[0].tokens, sides[1].tokens) and np.array_equal(sides[0].mask, sides[1].mask)
@@ -234,3 +270,21 @@ def encode_dpo(
     )
     return {"chosen": _output(chosen, max_length, origin), "rejected": _output(rejected, max_length, origin)}
 
+
+
+def boundary_merged(record: dict, tokenizer, *, task: str, columns: Columns | None = None, fmt: str = "auto") -> bool:
+    """Whether a plain-string record's prompt ends inside a token of the whole text: the case where
+    ``string_boundary: whole`` leaves the reply's first characters untrained (``split`` trains them)."""
+    columns = columns or Columns()
+    origin = record_origin(record, None, columns)
+    if task == "sft":
+        sides = [parse_sft(record, columns=columns, fmt=fmt, origin=origin)]
+    else:
+        pair = parse_preference(record, columns=columns, fmt=fmt, origin=origin)
+        sides = [pair.side(which) for which in ("chosen", "rejected")]
+    for side in sides:
+        if isinstance(side, Plain) and side.prompt:
+            offsets = tokenizer(side.prompt + side.completion, return_offsets_mapping=True)["offset_mapping"]
+            if any(start < len(side.prompt) < end for start, end in offsets):
+                return True
+    return False

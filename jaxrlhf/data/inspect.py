@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from jaxrlhf.data.config import DataConfig, DatasetConfig
-from jaxrlhf.data.encode import encode_dpo, encode_sft
+from jaxrlhf.data.encode import boundary_merged, encode_dpo, encode_sft
 from jaxrlhf.data.errors import DataError, ExampleDropped
 from jaxrlhf.data.formats import PREFERENCE_FORMATS
 from jaxrlhf.data.pipeline import encode_options, pack_rows, record_datasets
@@ -38,6 +38,8 @@ class ScanResult:
     dropped: dict[str, int] = dataclasses.field(default_factory=dict)
     errors: list[str] = dataclasses.field(default_factory=list)
     scanned: int = 0
+    boundary_merges: int = 0
+    """Plain-string records whose prompt ends inside a token of the whole text (see ``string_boundary``)."""
 
 
 def _detect_task(dataset: DatasetConfig, rows) -> str:
@@ -74,6 +76,8 @@ def scan(config: DataConfig, *, task: str = "auto", split: str = "train", limit:
                 result.errors.append(str(e))
             else:
                 result.examples.append((str(row.origin), example))
+                merged = boundary_merged(row.data, tokenizer, task=task, columns=dataset.columns, fmt=dataset.format)
+                result.boundary_merges += merged
     return result
 
 
@@ -103,6 +107,11 @@ def summary_table(result: ScanResult, config: DataConfig, tokenizer) -> Table:
     for reason, n in sorted(result.dropped.items()):
         table.add_row(f"dropped: {reason}", str(n))
     table.add_row("bad records", str(len(result.errors)))
+    if result.boundary_merges:
+        # The prompt/reply boundary of plain strings falls inside a token: `split` trains those characters.
+        verdict = "trained" if config.string_boundary == "split" else "NOT trained"
+        label = f"reply starts inside a token ({config.string_boundary}: {verdict})"
+        table.add_row(label, str(result.boundary_merges))
     sequences = _sequences(result)
     if sequences:
         lengths = np.array([len(s["tokens"]) for s in sequences])

@@ -54,6 +54,7 @@ def encode_options(config: DataConfig, task: str) -> dict:
         truncation=config.truncation,
         train_on_eot=config.train_on_eot,
         chat_template=config.chat_template,
+        string_boundary=config.string_boundary,
     )
     if task == "dpo":
         options["on_identical_pairs"] = config.on_identical_pairs

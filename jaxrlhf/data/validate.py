@@ -33,6 +33,14 @@ def check_truncation(policy: str) -> None:
         raise ValueError(f"unknown truncation policy {policy!r}; expected one of {', '.join(TRUNCATION_POLICIES)}")
 
 
+STRING_BOUNDARIES = ("split", "whole")
+
+
+def check_string_boundary(policy: str) -> None:
+    if policy not in STRING_BOUNDARIES:
+        raise ValueError(f"unknown string_boundary {policy!r}; expected one of {', '.join(STRING_BOUNDARIES)}")
+
+
 def check_pair(identical: bool, policy: str, origin, *, what: str = "are identical") -> None:
     """Apply ``on_identical_pairs`` to a pair: raise ``DataError`` (error), ``ExampleDropped`` (drop), or pass."""
     if policy not in IDENTICAL_PAIR_POLICIES:
