@@ -85,6 +85,9 @@ class DataConfig:
     """Train the end-of-turn token after each assistant reply (the model learns to stop)."""
     on_identical_pairs: Literal["error", "drop", "allow"] = "error"
     """DPO pairs whose chosen == rejected (their loss is stuck at ln 2 with zero gradient)."""
+    special_tokens_in_content: Literal["error", "split", "allow"] = "error"
+    """A special token's text (e.g. a literal <|im_end|>) inside message content: error names the record;
+    split tokenizes it as plain text; allow tokenizes it as the control token (a fake turn boundary)."""
     string_boundary: Literal["split", "whole"] = "split"
     """Plain prompt/completion strings: split = tokenize the prompt alone and the completion alone (every
     completion character trained); whole = tokenize the concatenation, and a token merged across the

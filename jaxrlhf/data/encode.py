@@ -41,6 +41,7 @@ from collections.abc import Callable
 import numpy as np
 
 from jaxrlhf.data import chat as chat_lib
+from jaxrlhf.data import control_tokens
 from jaxrlhf.data import validate
 from jaxrlhf.data.config import Columns
 from jaxrlhf.data.errors import ExampleDropped
@@ -62,10 +63,47 @@ class _Sequence:
         return int(np.argmax(self.mask)) if self.mask.any() else len(self.mask)
 
 
-def _tokenize(tokenizer, text: str, spans, *, add_special_tokens: bool):
-    encoding = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-    tokens = np.asarray(encoding["input_ids"], np.int32)
-    offsets = np.asarray(encoding["offset_mapping"], np.int64).reshape(-1, 2)
+@functools.lru_cache(maxsize=8)
+def _special_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer's post-processor puts before and after a text (a BOS, sometimes an EOS)."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    framed = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for i in range(len(framed) - len(bare) + 1):
+        if framed[i : i + len(bare)] == bare:
+            return framed[:i], framed[i + len(bare) :]
+    return [], []
+
+
+def _ids_and_offsets(tokenizer, text: str, *, add_special_tokens: bool, literal=()) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and character offsets of ``text``; the ``literal`` ranges are tokenized as plain text
+    (special tokens split), each alone, the rest as usual."""
+    if not literal:
+        encoding = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        offsets = np.asarray(encoding["offset_mapping"], np.int64).reshape(-1, 2)
+        return np.asarray(encoding["input_ids"], np.int32), offsets
+    pieces, position = [], 0
+    for start, end in literal:
+        pieces += [(position, start, False), (start, end, True)]
+        position = end
+    pieces.append((position, len(text), False))
+    ids, offsets = [], []
+    for start, end, is_literal in pieces:
+        if start == end:
+            continue
+        encoding = tokenizer(
+            text[start:end], add_special_tokens=False, split_special_tokens=is_literal, return_offsets_mapping=True
+        )
+        ids += encoding["input_ids"]
+        offsets += [(a + start, b + start) for a, b in encoding["offset_mapping"]]
+    if add_special_tokens:
+        before, after = _special_frame(tokenizer)
+        ids = [*before, *ids, *after]
+        offsets = [(0, 0)] * len(before) + offsets + [(0, 0)] * len(after)
+    return np.asarray(ids, np.int32), np.asarray(offsets, np.int64).reshape(-1, 2)
+
+
+def _tokenize(tokenizer, text: str, spans, *, add_special_tokens: bool, literal=()):
+    tokens, offsets = _ids_and_offsets(tokenizer, text, add_special_tokens=add_special_tokens, literal=literal)
     starts, ends = offsets[:, 0], offsets[:, 1]
     trained = np.zeros(len(tokens), bool)
     for a, b in spans:
@@ -80,17 +118,24 @@ def _eos_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def _split_plain(tokenizer, prompt: str, completion: str):
+def _literal_ranges(tokenizer, text: str, *, ends_reply: bool) -> list[tuple[int, int]]:
+    """Special-token text to tokenize as text; an EOS that ends a reply stays the EOS it was meant to be."""
+    ranges = control_tokens.literal_ranges(text, tokenizer)
+    if ends_reply and ranges and ranges[-1][1] == len(text) and text[ranges[-1][0] :] == tokenizer.eos_token:
+        ranges = ranges[:-1]
+    return ranges
+
+
+def _split_plain(tokenizer, prompt: str, completion: str, *, literal: bool):
     """Prompt tokens (with the tokenizer's special tokens around them), then the completion's own tokens."""
-    encoding = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
-    ids = np.asarray(encoding["input_ids"], np.int32)
-    offsets = np.asarray(encoding["offset_mapping"], np.int64).reshape(-1, 2)
+    prompt_literal = _literal_ranges(tokenizer, prompt, ends_reply=False) if literal else ()
+    ids, offsets = _ids_and_offsets(tokenizer, prompt, add_special_tokens=True, literal=prompt_literal)
     # Special tokens the post-processor appends after the text (an EOS) belong after the completion.
     real = np.flatnonzero(offsets[:, 1] > offsets[:, 0])
     body_end = int(real[-1]) + 1 if len(real) else int(np.sum(np.cumprod(offsets[:, 1] == 0)))
-    reply = tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True)
-    reply_ids = np.asarray(reply["input_ids"], np.int32)
-    reply_ends = np.asarray(reply["offset_mapping"], np.int64).reshape(-1, 2)[:, 1] + len(prompt)
+    reply_literal = _literal_ranges(tokenizer, completion, ends_reply=True) if literal else ()
+    reply_ids, reply_offsets = _ids_and_offsets(tokenizer, completion, add_special_tokens=False, literal=reply_literal)
+    reply_ends = reply_offsets[:, 1] + len(prompt)
     text_end = len(prompt) + len(completion)
     tokens = np.concatenate([ids[:body_end], reply_ids, ids[body_end:]])
     after = len(ids) - body_end
@@ -99,12 +144,15 @@ def _split_plain(tokenizer, prompt: str, completion: str):
     return tokens, mask, ends
 
 
-def _plain(tokenizer, prompt: str, completion: str, *, string_boundary: str = "split") -> _Sequence:
+def _plain(tokenizer, prompt: str, completion: str, *, string_boundary: str, literal: bool) -> _Sequence:
     text = prompt + completion
     if string_boundary == "split" and prompt:  # without a prompt there is no boundary to split at
-        tokens, mask, ends = _split_plain(tokenizer, prompt, completion)
+        tokens, mask, ends = _split_plain(tokenizer, prompt, completion, literal=literal)
     else:
-        tokens, mask, ends = _tokenize(tokenizer, text, [(len(prompt), len(text))], add_special_tokens=True)
+        ranges = _literal_ranges(tokenizer, text, ends_reply=True) if literal else ()
+        tokens, mask, ends = _tokenize(
+            tokenizer, text, [(len(prompt), len(text))], add_special_tokens=True, literal=ranges
+        )
     eos = _eos_id(tokenizer)
     if len(tokens) and tokens[-1] == eos:  # the text (or the post-processor) already ends with EOS
         mask[-1] = 1
@@ -115,28 +163,53 @@ def _plain(tokenizer, prompt: str, completion: str, *, string_boundary: str = "s
     return _Sequence(tokens, mask, ends, lambda: 0)
 
 
-def _chat(tokenizer, chat: Chat, *, template, label, train_on_eot, origin) -> _Sequence:
+def _hide_specials(chat: Chat, literals: control_tokens.Literals) -> Chat:
+    messages = tuple(
+        {**m, "content": literals.hide(m["content"])} if isinstance(m.get("content"), str) else m for m in chat.messages
+    )
+    return dataclasses.replace(chat, messages=messages)
+
+
+def _chat(tokenizer, chat: Chat, *, template, label, train_on_eot, origin, specials: str) -> _Sequence:
+    literals = None
+    if control_tokens.find_in_chat(chat.messages, tokenizer, specials, origin):
+        literals = control_tokens.Literals(control_tokens.special_tokens(tokenizer))
+        chat = _hide_specials(chat, literals)
     rendered = chat_lib.render_chat(
         tokenizer, chat, template=template, label=label, train_on_eot=train_on_eot, origin=origin
     )
-    tokens, mask, ends = _tokenize(tokenizer, rendered.text, rendered.spans, add_special_tokens=False)
-    protected = functools.partial(
+    text, spans, ranges, where = rendered.text, rendered.spans, (), None
+    if literals is not None:
+        text, ranges, where = literals.reveal(rendered.text)
+        spans = [(int(where[a]), int(where[b])) for a, b in spans]
+    tokens, mask, ends = _tokenize(tokenizer, text, spans, add_special_tokens=False, literal=ranges)
+    prefix = functools.partial(
         chat_lib.protected_prefix, tokenizer, chat, rendered.text, template=template, label=label, origin=origin
     )
+    protected = prefix if where is None else (lambda: int(where[prefix()]))
     return _Sequence(tokens, mask, ends, protected)
 
 
-def _sequence(example, tokenizer, *, chat_template, train_on_eot, origin, string_boundary="split") -> _Sequence:
-    if isinstance(example, Plain):
-        return _plain(tokenizer, example.prompt, example.completion, string_boundary=string_boundary)
-    if isinstance(example, Text):
-        return _plain(tokenizer, "", example.text)
+def _sequence(
+    example, tokenizer, *, chat_template, train_on_eot, origin, string_boundary, specials, reply_field="completion"
+) -> _Sequence:
+    if isinstance(example, (Plain, Text)):
+        prompt, completion = (example.prompt, example.completion) if isinstance(example, Plain) else ("", example.text)
+        # A reply that ends with the EOS token's text (as many datasets store it) means that EOS.
+        eos = tokenizer.eos_token or ""
+        reply = completion[: -len(eos)] if eos and completion.endswith(eos) else completion
+        fields = {"prompt": prompt, reply_field: reply} if isinstance(example, Plain) else {"text": reply}
+        literal = control_tokens.find_in_strings(fields, tokenizer, specials, origin)
+        boundary = string_boundary if isinstance(example, Plain) else "whole"
+        return _plain(tokenizer, prompt, completion, string_boundary=boundary, literal=literal)
     template = chat_lib.template_text(tokenizer, chat_template)
     if chat_template is None:
         label = "(the tokenizer's default)"
     else:
         label = repr(chat_template) if len(chat_template) < 200 else "(inline template)"
-    return _chat(tokenizer, example, template=template, label=label, train_on_eot=train_on_eot, origin=origin)
+    return _chat(
+        tokenizer, example, template=template, label=label, train_on_eot=train_on_eot, origin=origin, specials=specials
+    )
 
 
 def _fit(sequences: list[_Sequence], *, max_length, max_prompt_length, max_completion_length, truncation):
@@ -199,6 +272,7 @@ def encode_sft(
     train_on_eot: bool = True,
     chat_template: str | None = None,
     string_boundary: str = "split",
+    special_tokens_in_content: str = "error",
     columns: Columns | None = None,
     fmt: str = "auto",
     origin=None,
@@ -213,9 +287,10 @@ def encode_sft(
     origin = record_origin(record, origin, columns)
     example = parse_sft(record, columns=columns, fmt=fmt, origin=origin)
     validate.check_string_boundary(string_boundary)
+    control_tokens.check_policy(special_tokens_in_content)
     sequence = _sequence(
         example, tokenizer, chat_template=chat_template, train_on_eot=train_on_eot, origin=origin,
-        string_boundary=string_boundary,
+        string_boundary=string_boundary, specials=special_tokens_in_content,
     )  # fmt: skip
     (sequence,) = _fit(
         [sequence],
@@ -239,6 +314,7 @@ def encode_dpo(
     on_identical_pairs: str = "error",
     chat_template: str | None = None,
     string_boundary: str = "split",
+    special_tokens_in_content: str = "error",
     columns: Columns | None = None,
     fmt: str = "auto",
     origin=None,
@@ -254,8 +330,12 @@ def encode_dpo(
     pair = parse_preference(record, columns=columns, fmt=fmt, origin=origin)
     validate.check_pair(pair.identical, on_identical_pairs, origin)
     validate.check_string_boundary(string_boundary)
-    kw = dict(chat_template=chat_template, train_on_eot=train_on_eot, origin=origin, string_boundary=string_boundary)
-    sides = [_sequence(pair.side(which), tokenizer, **kw) for which in ("chosen", "rejected")]
+    control_tokens.check_policy(special_tokens_in_content)
+    kw = dict(
+        chat_template=chat_template, train_on_eot=train_on_eot, origin=origin, string_boundary=string_boundary,
+        specials=special_tokens_in_content,
+    )  # fmt: skip
+    sides = [_sequence(pair.side(which), tokenizer, reply_field=which, **kw) for which in ("chosen", "rejected")]
     # Replies that differ only in what the template trims (whitespace) still make the same tokens.
     same_tokens = np.array_equal(sides[0].tokens, sides[1].tokens) and np.array_equal(sides[0].mask, sides[1].mask)
     validate.check_pair(

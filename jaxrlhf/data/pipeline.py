@@ -55,6 +55,7 @@ def encode_options(config: DataConfig, task: str) -> dict:
         train_on_eot=config.train_on_eot,
         chat_template=config.chat_template,
         string_boundary=config.string_boundary,
+        special_tokens_in_content=config.special_tokens_in_content,
     )
     if task == "dpo":
         options["on_identical_pairs"] = config.on_identical_pairs

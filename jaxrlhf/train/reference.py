@@ -75,7 +75,7 @@ def _fingerprint(model_path: str, tokenizer_path: str, encoding: dict) -> dict:
 
 def _encoding(data) -> dict:
     keys = ("max_length", "max_prompt_length", "max_completion_length", "truncation", "train_on_eot", "chat_template",
-            "string_boundary")  # fmt: skip
+            "string_boundary", "special_tokens_in_content")  # fmt: skip
     return {k: getattr(data, k) for k in keys}
 
 
