@@ -29,13 +29,14 @@ def _per_step_seconds(run_dir: pathlib.Path, skip: int) -> float:
     return (times[last] - times[skip]) / (last - skip)
 
 
-def _run(tree: pathlib.Path, base: pathlib.Path, run_dir: pathlib.Path, steps: int) -> None:
+def _run(tree: pathlib.Path, base: pathlib.Path, run_dir: pathlib.Path, steps: int, batch: int, length: int) -> None:
     env = {**os.environ, "PYTHONPATH": str(tree), "JAX_PLATFORMS": "cpu"}
     data = tree / "jaxrlhf" / "assets" / "sft.jsonl"
     command = [
         sys.executable, "-m", "jaxrlhf.cli", "sft", f"--run_dir={run_dir}", f"--model.path={base}",
         "--model.dtype=float32", f"--data.tokenizer={base}", f'--data.train=[{{"paths": ["{data}"]}}]',
-        "--data.max_length=64", "--data.packing=first_fit", "--data.batch_size=8", "--data.num_epochs=null",
+        f"--data.max_length={length}", "--data.packing=first_fit", f"--data.batch_size={batch}",
+        "--data.num_epochs=null",
         f"--max_steps={steps}", "--eval_at_start=false", "--export=false", "--checkpoint.save_every=0",
         "--logging.tensorboard=false", "--logging.progress_bar=false", "--optim.learning_rate=1e-3",
     ]  # fmt: skip
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--skip", type=int, default=50, help="steps left out at the start (compilation, warm-up)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_length", type=int, default=64)
     args = parser.parse_args()
     trees = [pathlib.Path(t).resolve() for t in args.trees]
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,7 +63,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             for i, tree in enumerate(trees):
                 run_dir = pathlib.Path(tmp) / f"run-{repeat}-{i}"
-                _run(tree, base, run_dir, args.steps)
+                _run(tree, base, run_dir, args.steps, args.batch_size, args.max_length)
                 seconds = _per_step_seconds(run_dir, args.skip)
                 results[tree].append(seconds)
                 print(f"repeat {repeat} {tree}: {seconds * 1e3:.2f} ms/step", flush=True)

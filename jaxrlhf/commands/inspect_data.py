@@ -17,16 +17,17 @@ from typing import Literal
 
 from rich.console import Console
 
-from jaxrlhf.data.config import DataConfig, DatasetConfig
+from jaxrlhf.data.config import DatasetConfig
 from jaxrlhf.data.inspect import example_json, scan, show_examples, summary_table
 from jaxrlhf.data.tokenizer import load_tokenizer
+from jaxrlhf.train.run_config import DpoConfig
 
 
 @dataclasses.dataclass
-class InspectConfig:
-    """Settings of ``jaxrlhf inspect-data``."""
+class InspectConfig(DpoConfig):
+    """Settings of ``jaxrlhf inspect-data``: a run config's keys (``--config_path`` of an SFT or DPO run works;
+    only its ``data`` section is read), and what to show."""
 
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     file: str | None = None
     """A data file or glob to inspect instead of data.train."""
     tokenizer: str | None = None
@@ -43,7 +44,6 @@ class InspectConfig:
     """One JSON object per example on stdout instead of the rich view."""
     max_errors: int = 20
     """Bad records listed (file, line, message)."""
-
 
 
 def run(config: InspectConfig) -> int:

@@ -14,7 +14,7 @@ from jaxrlhf.models import make_logprob_fn
 from jaxrlhf.parallel.distributed import initialize_distributed
 from jaxrlhf.parallel.mesh import make_mesh
 from jaxrlhf.train import steps
-from jaxrlhf.train.assembly import lm_head_chunk_size, load_model
+from jaxrlhf.train.assembly import check_vocabularies, lm_head_chunk_size, load_model
 from jaxrlhf.train.prefetch import batch_sharding, place_batch, rows_sharded
 from jaxrlhf.train.reference import all_pairs_config, pair_keys, write_reference
 from jaxrlhf.train.run_config import DpoConfig
@@ -30,6 +30,7 @@ def run_precompute_ref(config: DpoConfig) -> pathlib.Path:
     reference, ref_config = load_model(
         config.model, model_path, mesh, param_dtype=config.dpo.reference_dtype, tokenizer=config.data.tokenizer
     )
+    check_vocabularies(config, ref_config)
     graphdef, ref_params = nnx.split(reference)
     chunk_size = lm_head_chunk_size(config, "dpo", mesh, ref_config.vocab_size)
     logprob_fn = make_logprob_fn(graphdef, chunk_size=chunk_size, packed=False)

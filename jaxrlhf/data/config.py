@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from jaxrlhf.config import ConfigError
+
 __all__ = ["Columns", "DatasetConfig", "DataConfig"]
 
 
@@ -115,3 +117,19 @@ class DataConfig:
     prefetch_buffer_size: int = 64
     cache_dir: str | None = None
     """Where file indexes are cached; None = $JAXRLHF_CACHE or ~/.cache/jaxrlhf."""
+
+    def check(self) -> None:
+        """Raise a ConfigError naming each length or batch setting that no example could satisfy."""
+        problems = []
+        for key in ("max_length", "batch_size"):
+            if getattr(self, key) <= 0:
+                problems.append(f"data.{key} must be > 0, got {getattr(self, key)}")
+        for key in ("max_prompt_length", "max_completion_length"):
+            value = getattr(self, key)
+            if value is not None and not 0 < value < max(self.max_length, 1):
+                limit = self.max_length - 1
+                problems.append(f"data.{key} must be between 1 and data.max_length - 1 ({limit}), got {value}")
+        if self.eval_batch_size < 0:
+            problems.append(f"data.eval_batch_size must be >= 0 (0 = batch_size), got {self.eval_batch_size}")
+        if problems:
+            raise ConfigError("; ".join(problems))

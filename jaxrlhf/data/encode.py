@@ -329,6 +329,9 @@ def encode_dpo(
     origin = record_origin(record, origin, columns)
     pair = parse_preference(record, columns=columns, fmt=fmt, origin=origin)
     validate.check_pair(pair.identical, on_identical_pairs, origin)
+    validate.check_pair(
+        pair.same_up_to_whitespace and not pair.identical, on_identical_pairs, origin, what="differ only in whitespace"
+    )
     validate.check_string_boundary(string_boundary)
     control_tokens.check_policy(special_tokens_in_content)
     kw = dict(

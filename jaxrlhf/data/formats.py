@@ -10,7 +10,9 @@ replies hold only the reply turns), and ``{"chosen", "rejected"}`` with an
 implicit shared prompt: for message lists the common leading turns, for strings
 the longest common prefix (hh-rlhf), moved back to a word boundary so that a
 reply's first token is never shared with the prompt. A string ``prompt`` next to
-message-list replies (UltraFeedback) is treated as implicit, as TRL does.
+message-list replies that repeat it (UltraFeedback: they open with the user turn)
+is treated as implicit, as TRL does; next to lists of reply turns alone it is the
+user's message.
 
 Column names, and the role/content keys of messages, come from ``Columns``.
 """
@@ -18,12 +20,16 @@ Column names, and the role/content keys of messages, come from ``Columns``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from jaxrlhf.data.config import Columns
 from jaxrlhf.data.errors import DataError, Origin
 
 __all__ = ["Chat", "Plain", "Text", "Pair", "parse_sft", "parse_preference", "record_origin"]
 
 SFT_FORMATS = ("messages", "prompt_completion", "text")
+# Roles chat templates render; another (a misspelled "asistant") would render as a turn of its own, and the
+# reply it was meant to be would silently go untrained.
+KNOWN_ROLES = ("system", "user", "assistant", "tool", "developer", "ipython", "function")
 PREFERENCE_FORMATS = ("preference", "implicit_preference")
 
 
@@ -64,6 +70,11 @@ class Pair:
     def identical(self) -> bool:
         return self.chosen == self.rejected
 
+    @property
+    def same_up_to_whitespace(self) -> bool:
+        """The replies are equal once runs of whitespace are collapsed (a real preference has words in it)."""
+        return _collapse(self.chosen) == _collapse(self.rejected)
+
     def side(self, which: str) -> Chat | Plain:
         reply = self.chosen if which == "chosen" else self.rejected
         if isinstance(reply, str):
@@ -71,6 +82,12 @@ class Pair:
         messages = tuple(self.prompt) + reply
         trained = tuple(len(self.prompt) + i for i, m in enumerate(reply) if m["role"] == "assistant")
         return Chat(messages, trained, self.tools)
+
+
+def _collapse(reply):
+    if isinstance(reply, str):
+        return " ".join(reply.split())
+    return tuple({**m, "content": _collapse(m.get("content") or "")} for m in reply)
 
 
 def record_origin(record: dict, origin: Origin | None, columns: Columns) -> Origin | None:
@@ -113,6 +130,13 @@ def _messages(
         role = message.get(columns.role)
         if not isinstance(role, str) or not role:
             raise DataError(origin, "missing or not a string", field=f"{where}.{columns.role}")
+        if role not in KNOWN_ROLES:
+            close = difflib.get_close_matches(role, KNOWN_ROLES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise DataError(
+                origin, f"unknown role {role!r}{hint}; chat templates know {', '.join(KNOWN_ROLES)}",
+                field=f"{where}.{columns.role}",
+            )  # fmt: skip
         content = message.get(columns.content)
         tool_calls = message.get("tool_calls")
         if content is None and role == "assistant" and tool_calls:
@@ -247,9 +271,16 @@ def _preference_format(record: dict, columns: Columns, fmt: str, origin) -> str:
         raise DataError(origin, f"format {fmt!r} is an SFT format; DPO reads {', '.join(PREFERENCE_FORMATS)}")
     if fmt == "auto":
         fmt = "preference" if columns.prompt in record else "implicit_preference"
-    # A string prompt next to message-list replies (UltraFeedback): the lists repeat the prompt.
-    if fmt == "preference" and isinstance(record.get(columns.prompt), str) and isinstance(
-        record.get(columns.chosen), (list, tuple)
+    # A string prompt next to message-list replies that repeat it (UltraFeedback: the lists open with the
+    # user turn): implicit. Lists of reply turns alone keep the prompt, as one user message.
+    chosen = record.get(columns.chosen)
+    if (
+        fmt == "preference"
+        and isinstance(record.get(columns.prompt), str)
+        and isinstance(chosen, (list, tuple))
+        and chosen
+        and isinstance(chosen[0], dict)
+        and chosen[0].get(columns.role) != "assistant"
     ):
         fmt = "implicit_preference"
     return fmt
@@ -292,7 +323,11 @@ def parse_preference(record: dict, *, columns: Columns | None = None, fmt: str =
                 _check_reply_turns(reply, name, origin, n, implicit=True)
         return pair
     prompt = _field(record, columns.prompt, origin, kind="preference")
-    if isinstance(prompt, str):  # and so are the replies: string prompts with message replies are implicit
+    if isinstance(prompt, str) and not isinstance(chosen, str):
+        # Reply turns after a string prompt: the prompt is the user's message (never dropped).
+        _string(prompt, columns.prompt, origin)
+        prompt = [{columns.role: "user", columns.content: prompt}]
+    if isinstance(prompt, str):
         _string(prompt, columns.prompt, origin, allow_empty=True)
         if chosen != rejected:
             _string(chosen, columns.chosen, origin)

@@ -53,6 +53,7 @@ def _detect_task(dataset: DatasetConfig, rows) -> str:
 
 def scan(config: DataConfig, *, task: str = "auto", split: str = "train", limit: int | None = None) -> ScanResult:
     """Encode records in file order (up to ``limit``), counting kept, dropped by reason, and bad records."""
+    config.check()
     datasets = record_datasets(config, split)
     if task == "auto":
         task = _detect_task(*datasets[0])

@@ -154,20 +154,28 @@ class DropStats:
 
 
 class _Tally(grain.IterDataset):
-    """Counts kept and dropped examples; drops vanish (train) or become empty examples (eval)."""
+    """Counts kept and dropped examples; drops vanish (train) or become empty examples (eval).
 
-    def __init__(self, parent: grain.IterDataset, stats: DropStats, *, task: str, keep_places: bool):
+    ``records`` (train) is one pass over this process's records: that many drops in a
+    row mean no example survives the settings, which repeating forever would hide.
+    """
+
+    def __init__(self, parent: grain.IterDataset, stats: DropStats, *, task: str, keep_places: bool, records=None):
         super().__init__(parent)
-        self._drop_stats, self._task, self._keep_places = stats, task, keep_places
+        self._drop_stats, self._task, self._keep_places, self._records = stats, task, keep_places, records
 
     def __iter__(self):
-        return _TallyIterator(self._parent.__iter__(), self._drop_stats, task=self._task, keep_places=self._keep_places)
+        return _TallyIterator(
+            self._parent.__iter__(), self._drop_stats, task=self._task, keep_places=self._keep_places,
+            records=self._records,
+        )  # fmt: skip
 
 
 class _TallyIterator(grain.DatasetIterator):
-    def __init__(self, parent, stats: DropStats, *, task: str, keep_places: bool):
+    def __init__(self, parent, stats: DropStats, *, task: str, keep_places: bool, records=None):
         super().__init__(parent)
-        self._drop_stats, self._task, self._keep_places = stats, task, keep_places
+        self._drop_stats, self._task, self._keep_places, self._records = stats, task, keep_places, records
+        self._drops_in_a_row = 0
 
     def _empty(self) -> dict:
         side = {"tokens": np.zeros(0, np.int32), "loss_mask": np.zeros(0, np.int32)}
@@ -182,7 +190,16 @@ class _TallyIterator(grain.DatasetIterator):
                 self._drop_stats.dropped[element["dropped"]] += 1
                 if self._keep_places:
                     return self._empty()
+                self._drops_in_a_row += 1
+                if self._records is not None and self._drops_in_a_row >= self._records:
+                    dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(self._drop_stats.dropped.items()))
+                    raise ValueError(
+                        f"a whole pass over the training data ({self._records} records on this process) kept no "
+                        f"example (dropped: {dropped}): check data.max_length and the other length limits "
+                        "(`jaxrlhf inspect-data` shows lengths)"
+                    )
                 continue
+            self._drops_in_a_row = 0
             self._drop_stats.kept += 1
             return dict(element, pair_mask=1) if self._keep_places and self._task == "dpo" else element
 
@@ -334,6 +351,7 @@ def make_iterator(
     batch_size = global_batch // shard.shard_count
     if config.num_epochs is not None and config.num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1 or None (forever), got {config.num_epochs}")
+    config.check()
     if task == "dpo" and config.packing != "none" and training:
         raise ValueError("packing applies to SFT; DPO rows keep each pair on its own [2, T] row (data.packing=none)")
     tokenizer = load_tokenizer(config.tokenizer)
@@ -376,7 +394,7 @@ def make_iterator(
             )
         )
     stats = DropStats()
-    it = _Tally(it, stats, task=task, keep_places=not training)
+    it = _Tally(it, stats, task=task, keep_places=not training, records=total if training else None)
     if task == "sft" and training and config.packing != "none":
         it = pack_rows(
             it,

@@ -11,6 +11,8 @@ __all__ = ["load_tokenizer", "pad_id"]
 # Reader threads of a fresh worker process all ask for the tokenizer at once, and
 # transformers' lazy imports are not thread-safe: load under a lock.
 _LOCK = threading.Lock()
+# Files a fast tokenizer can be built from (tokenizer.json; the rest are slow tokenizers' vocabularies).
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
 
 
 def load_tokenizer(path: str):
@@ -30,6 +32,12 @@ def _load(path: str):
         raise ValueError("no tokenizer given: set data.tokenizer to a local Hugging Face tokenizer folder")
     if not pathlib.Path(path).is_dir():
         raise FileNotFoundError(f"tokenizer folder {path!r} does not exist (hub names are not downloaded)")
+    found = {p.name for p in pathlib.Path(path).iterdir()}
+    if not found & set(_TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"tokenizer folder {path} holds no tokenizer: expected tokenizer.json (with tokenizer_config.json), found "
+            f"{', '.join(sorted(found)) or 'nothing'}"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if not tokenizer.is_fast:
         raise ValueError(

@@ -30,12 +30,29 @@ class _SafetensorsFile:
 
     def __init__(self, path: pathlib.Path):
         self.path = path
+        size = path.stat().st_size
         with path.open("rb") as f:
             header_size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_size))
+            if size < 8 or header_size > size - 8:
+                raise self._corrupt(f"its header claims {header_size} bytes of the file's {size}")
+            try:
+                header = json.loads(f.read(header_size))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise self._corrupt(f"its header is not JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise self._corrupt("its header is not a JSON object")
         header.pop("__metadata__", None)
         self.header = header
         self._data_start = 8 + header_size
+        data_end = max((info["data_offsets"][1] for info in header.values()), default=0)
+        if self._data_start + data_end > size:
+            raise self._corrupt(f"its tensors need {self._data_start + data_end} bytes, the file has {size}")
+
+    def _corrupt(self, why: str) -> ValueError:
+        return ValueError(
+            f"{self.path} is corrupt or incomplete ({why}): download or copy it again (a cut-off transfer leaves "
+            "such files)"
+        )
 
     @functools.cached_property
     def _buffer(self) -> np.memmap:

@@ -119,8 +119,8 @@ def _ipo(p: PairInputs):
 
 
 def _exo_pair(p: PairInputs):
-    """EXO, eq. 16 of Ji et al. 2024 (arXiv:2402.00856); epsilon = label_smoothing, 1e-3 when 0."""
-    eps = p.label_smoothing if p.label_smoothing > 0 else 1e-3
+    """EXO, eq. 16 of Ji et al. 2024 (arXiv:2402.00856); epsilon = label_smoothing (> 0, checked by dpo_loss)."""
+    eps = p.label_smoothing
     x = p.beta * p.delta
     return jax.nn.sigmoid(x) * (jax.nn.log_sigmoid(x) - jnp.log1p(-eps)) + jax.nn.sigmoid(-x) * (
         jax.nn.log_sigmoid(-x) - jnp.log(eps)
@@ -269,6 +269,8 @@ def dpo_loss(
         raise ValueError(f"beta must be > 0, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if "exo_pair" in names and label_smoothing == 0:
+        raise ValueError("loss_type exo_pair needs label_smoothing > 0 (EXO's epsilon, e.g. 1e-3), as in TRL")
     if not discopop_tau > 0:
         raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
     arrays = {

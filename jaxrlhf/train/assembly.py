@@ -20,7 +20,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from jaxrlhf.config import ConfigError, dump_config
-from jaxrlhf.data import make_iterator
+from jaxrlhf.data import load_tokenizer, make_iterator
 from jaxrlhf.models import (
     ModelConfig,
     default_chunk_size,
@@ -58,8 +58,7 @@ def load_model(args: ModelArgs, path: str, mesh, *, param_dtype: str, tokenizer:
     if args.preset:
         config = model_config_of(args, path, param_dtype=param_dtype, tokenizer=tokenizer)
         return init_model(config, mesh=mesh), config
-    if not path:
-        raise ConfigError("model.path is empty: point it at a local Hugging Face model folder (or set model.preset)")
+    model_config_of(args, path, param_dtype=param_dtype)  # a missing or empty folder is named before any loading
     return load_hf(
         path,
         dtype=jnp.dtype(args.dtype),
@@ -106,6 +105,30 @@ def lm_head_chunk_size(config: TrainConfig, task: str, mesh, vocab_size: int) ->
     tensor = mesh.shape["tensor"]
     vocab = vocab_size // tensor if vocab_size % tensor == 0 else vocab_size
     return default_chunk_size(rows, vocab)
+
+
+def prepare_run_dir(run_dir: pathlib.Path) -> None:
+    """Create ``run_dir`` and prove it writable now, not with a traceback at the first checkpoint."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir {run_dir} is a file, not a directory: choose another run_dir")
+    probe = run_dir / ".jaxrlhf-write-check"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run_dir {run_dir} cannot be written ({e.strerror or e}): choose another run_dir") from None
+
+
+def check_vocabularies(config: TrainConfig, model_config: ModelConfig) -> None:
+    """A tokenizer with more ids than the model has embeddings trains into NaN (or silently wrong rows)."""
+    tokens = len(load_tokenizer(config.data.tokenizer))
+    if tokens > model_config.vocab_size:
+        raise ConfigError(
+            f"the tokenizer {config.data.tokenizer} has {tokens} tokens but the model "
+            f"{config.model.path or config.model.preset} has vocab_size {model_config.vocab_size}: ids from "
+            f"{model_config.vocab_size} on have no embedding. Use the model's own tokenizer (data.tokenizer)"
+        )
 
 
 def _reporter(found: list[str]):
@@ -202,6 +225,8 @@ def assemble(config: TrainConfig, task: str) -> Run:
     d = config.distributed
     initialize_distributed(d.coordinator_address, d.num_processes, d.process_id, force=d.force)
     run_dir = pathlib.Path(config.run_dir)
+    if jax.process_index() == 0:
+        prepare_run_dir(run_dir)
     mesh = make_mesh(config.mesh)
     checkpointer = Checkpointer(run_dir / "checkpoints", config.checkpoint)
     latest = checkpointer.latest_step
@@ -218,6 +243,9 @@ def assemble(config: TrainConfig, task: str) -> Run:
             f"{run_dir} holds a checkpoint (step {latest}) of a run with other settings: " + "; ".join(changes)
             + ". Resume with the original settings, use a new run_dir, or pass --checkpoint.allow_config_change true"
         )
+    check_vocabularies(config, model_config_of(
+        config.model, config.model.path, param_dtype=config.model.param_dtype, tokenizer=config.data.tokenizer
+    ))  # fmt: skip
     if latest is None:
         model, model_config = load_model(
             config.model, config.model.path, mesh, param_dtype=config.model.param_dtype, tokenizer=config.data.tokenizer

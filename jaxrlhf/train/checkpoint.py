@@ -38,10 +38,26 @@ class CheckpointConfig:
     from the checkpoint's; micro_batches and the mesh may always change."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, file system gone read-only...)."""
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError behind ``error`` (orbax wraps what its writer threads raise), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 class Checkpointer:
     def __init__(self, directory: pathlib.Path, config: CheckpointConfig, *, meta: dict | None = None):
         self.config = config
         self.meta = meta
+        self._failed = False
         options = ocp.CheckpointManagerOptions(
             max_to_keep=config.keep,
             enable_async_checkpointing=config.async_save,
@@ -68,7 +84,24 @@ class Checkpointer:
         if data_state is not None:
             args["data"] = grain.checkpoint.CheckpointSave(_DataPosition(data_state))
         # The interval is decided above; orbax's own policy would also save the very first step.
-        return self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+        try:
+            return self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+        except Exception as e:
+            raise self._write_error(step, e) from None
+
+    def _write_error(self, step: int | None, error: Exception) -> Exception:
+        """One message for a failed write, naming the last complete checkpoint; other errors pass through."""
+        cause = _os_error(error)
+        if cause is None:
+            return error
+        self._failed = True
+        complete = [s for s in self._manager.all_steps() if s != step]
+        last = f"step {max(complete)}" if complete else "none"
+        what = f"checkpoint step {step}" if step is not None else "a checkpoint"
+        return CheckpointWriteError(
+            f"{what} could not be written to {self._directory} ({cause.strerror or cause}); the last complete "
+            f"checkpoint is {last}: free space (or fix the file system) and re-run the command to resume from it"
+        )
 
     def restore(self, step: int, abstract_state, *, with_data: bool = True):
         """Restore onto the shardings of ``abstract_state``; returns ``(state, data_state or None)``.
@@ -90,8 +123,15 @@ class Checkpointer:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            already_reported = self._failed
+            error = self._write_error(None, e)
+            if not (already_reported and isinstance(error, CheckpointWriteError)):
+                raise error from None
+        finally:
+            self._manager.close()
 
 
 class _DataPosition:

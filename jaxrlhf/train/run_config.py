@@ -207,6 +207,8 @@ def model_config_of(args: ModelArgs, path: str, *, param_dtype: str, tokenizer: 
     if args.preset:
         vocab = len(load_tokenizer(tokenizer)) if args.preset == "tiny" else None
         return preset(args.preset, vocab_size=vocab, **runtime)
+    if not path:
+        raise ConfigError("model.path is empty: point it at a local Hugging Face model folder (or set model.preset)")
     config_file = pathlib.Path(path) / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} not found: model.path must be a local Hugging Face model folder")

@@ -53,6 +53,8 @@ class DpoLossSpec:
             raise ValueError(f"dpo beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"dpo label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if "exo_pair" in names and self.label_smoothing == 0:
+            raise ValueError("dpo.loss_type exo_pair needs dpo.label_smoothing > 0 (EXO's epsilon, e.g. 1e-3), as in TRL")
 
     @property
     def sorts_across_batch(self) -> bool:
