@@ -11,6 +11,7 @@ import pytest
 
 from data_fixtures import tokenizer, write_jsonl
 from jaxrlhf.data import DataConfig, DataError, DatasetConfig, ExampleDropped, Origin, encode_dpo, encode_sft
+from jaxrlhf.data.encode import encode_sft_examples
 from jaxrlhf.data.pipeline import make_iterator
 from jaxrlhf.data.validate import check_batch
 
@@ -84,14 +85,17 @@ def test_identical_pairs_error_by_default_with_the_record_id():
     np.testing.assert_array_equal(out["chosen"]["tokens"], out["rejected"]["tokens"])
 
 
-def test_pairs_that_differ_only_in_trimmed_whitespace_are_identical_too():
+def test_pairs_that_differ_only_in_whitespace_are_identical_too():
     record = {"prompt": [USER], "chosen": [{"role": "assistant", "content": "yes"}],
               "rejected": [{"role": "assistant", "content": "yes \n"}]}  # fmt: skip
-    with pytest.raises(DataError, match="chosen and rejected encode to the same tokens"):
-        encode_dpo(record, TOK, max_length=64, chat_template="llama3", origin=ORIGIN)
-    with pytest.raises(ExampleDropped):
-        encode_dpo(record, TOK, max_length=64, chat_template="llama3", on_identical_pairs="drop")
-    encode_dpo(record, TOK, max_length=64)  # ChatML keeps the whitespace: a real (if tiny) difference
+    # Whatever the template does with the whitespace (llama3 trims it, ChatML keeps it), there is no preference.
+    for template in ("llama3", None):
+        with pytest.raises(DataError, match="chosen and rejected differ only in whitespace"):
+            encode_dpo(record, TOK, max_length=64, chat_template=template, origin=ORIGIN)
+        with pytest.raises(ExampleDropped):
+            encode_dpo(record, TOK, max_length=64, chat_template=template, on_identical_pairs="drop")
+    out = encode_dpo(record, TOK, max_length=64, on_identical_pairs="allow")
+    assert not np.array_equal(out["chosen"]["tokens"], out["rejected"]["tokens"])  # ChatML keeps the whitespace
 
 
 def test_identical_message_pairs_keep_their_reply_when_allowed():
@@ -112,8 +116,8 @@ def test_unknown_chat_template_name_lists_the_known_ones():
         encode_sft({"messages": [USER, ASSISTANT]}, TOK, max_length=64, chat_template="zephyr")
 
 
-def test_template_that_is_not_prefix_stable_fails_with_a_clear_message():
-    # Earlier assistant turns lose their reasoning, as some reasoning-model templates do.
+def test_a_conversation_a_template_renders_once_per_turn_is_not_one_example():
+    # Earlier assistant turns lose their reasoning, as some reasoning-model templates do: two renderings.
     template = (
         "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}"
         "{% if m.role == 'assistant' and not loop.last %}{{ m.content.split('</think>')[-1] }}"
@@ -121,9 +125,11 @@ def test_template_that_is_not_prefix_stable_fails_with_a_clear_message():
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )
     messages = [USER, {"role": "assistant", "content": "<think>hmm</think>yes"}, USER, ASSISTANT]
-    with pytest.raises(DataError, match="is not prefix-stable") as info:
+    with pytest.raises(DataError, match="encodes to 2 examples .* use encode_sft_examples") as info:
         encode_sft({"messages": messages}, TOK, max_length=256, chat_template=template, origin=ORIGIN)
-    assert "data/train.jsonl line 41" in str(info.value) and "hmm" in str(info.value)
+    assert "data/train.jsonl line 41" in str(info.value)
+    examples, dropped = encode_sft_examples({"messages": messages}, TOK, max_length=256, chat_template=template)
+    assert len(examples) == 2 and dropped == []
 
 
 def test_turn_that_opens_unlike_the_generation_prompt_fails():

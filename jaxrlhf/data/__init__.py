@@ -2,19 +2,21 @@
 
 Modules, one job each: ``sources`` (random-access readers with cached indexes),
 ``formats`` (TRL record formats -> typed examples), ``chat`` (template rendering
-and assistant spans), ``encode`` (``encode_sft`` / ``encode_dpo`` and the mask
+and assistant spans), ``control_tokens`` (special-token text inside content),
+``encode`` (``encode_sft`` / ``encode_sft_examples`` / ``encode_dpo`` and the mask
 rule), ``validate`` (policies and invariants), ``pipeline`` (grain), ``config``
-(``DataConfig``), ``inspect`` (``jaxrlhf inspect-data``).
+(``DataConfig``), ``inspect`` (what ``jaxrlhf inspect-data`` shows).
 """
 
 from jaxrlhf.data.assets import asset_path
 from jaxrlhf.data.config import Columns, DataConfig, DatasetConfig
-from jaxrlhf.data.encode import encode_dpo, encode_sft
+from jaxrlhf.data.encode import encode_dpo, encode_sft, encode_sft_examples
 from jaxrlhf.data.errors import DROP_REASONS, DataError, ExampleDropped, Origin
 from jaxrlhf.data.tokenizer import load_tokenizer
 
 __all__ = [
     "encode_sft",
+    "encode_sft_examples",
     "encode_dpo",
     "DataConfig",
     "DatasetConfig",

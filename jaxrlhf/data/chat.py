@@ -13,10 +13,15 @@ for the (more common) ones without. For each trained assistant turn ``i``:
 - rendering an assistant turn whose content is a sentinel tells the template's
   header and end-of-turn marker apart from the reply.
 
-Every prefix must be a prefix of the whole rendered conversation (the template
-is *prefix-stable*); a template that rewrites earlier turns depending on what
-follows (e.g. one that strips reasoning from all but the last assistant turn)
-gets a ``DataError`` naming the turn and where the texts diverge.
+When every prefix is a prefix of the whole rendered conversation (the template
+is *prefix-stable*), one rendering holds every trained turn. A template that
+rewrites earlier turns depending on what follows (Qwen3's drops the reasoning of
+assistant turns before the last user message; Llama 3.1's moves ``tools`` into
+the last user message) is rendered once per trained assistant turn instead
+(``render_turns``): turn ``i``'s example is ``messages[:i + 1]`` as the template
+renders it when turn ``i`` is the one being generated, which is exactly the
+context the model sees at inference, and only turn ``i`` is trained in it. A
+conversation with k trained turns then encodes to k examples.
 
 Spans are character offsets into the full text; ``encode`` maps them to tokens
 through the offset mapping of one tokenization of that text.
@@ -32,7 +37,15 @@ import warnings
 from jaxrlhf.data.errors import DataError
 from jaxrlhf.data.formats import Chat
 
-__all__ = ["RenderedChat", "template_text", "render", "render_chat", "protected_prefix"]
+__all__ = [
+    "NotPrefixStable",
+    "RenderedChat",
+    "protected_prefix",
+    "render",
+    "render_chat",
+    "render_turns",
+    "template_text",
+]
 
 _SENTINEL = "JAXRLHF_SENTINEL_REPLY_5F2C"
 
@@ -90,13 +103,18 @@ def _divergence(prefix: str, full: str) -> str:
     return f"at character {i}: the prefix renders {prefix[i : i + 40]!r}, the whole conversation {full[i : i + 40]!r}"
 
 
+class NotPrefixStable(DataError):
+    """The template renders an earlier turn differently depending on what follows it."""
+
+
 def _not_prefix_stable(origin, label: str, i: int, what: str, prefix: str, full: str) -> DataError:
-    return DataError(
+    return NotPrefixStable(
         origin,
         f"chat template {label} is not prefix-stable: {what} is not a prefix of the whole rendered conversation"
         f" ({_divergence(prefix, full)}). The template renders earlier turns differently depending on what follows"
         f" (e.g. it drops reasoning from earlier assistant turns or moves the system prompt), so the text of turn {i}"
-        " cannot be located; use a prefix-stable template (data.chat_template=<file.jinja>).",
+        " cannot be located in one rendering. SFT conversations are then rendered once per assistant turn; for a"
+        " DPO reply of several assistant turns use a prefix-stable template (data.chat_template=<file.jinja>).",
     )
 
 
@@ -158,6 +176,23 @@ def render_chat(
             end = max(start, end - len(eot))
         spans.append((start, end))
     return RenderedChat(full, tuple(spans))
+
+
+def render_turns(
+    tokenizer, chat: Chat, *, template: str, label: str = "default", train_on_eot: bool = True, origin=None
+) -> list[tuple[Chat, RenderedChat]]:
+    """``[(conversation, rendering)]``: the whole conversation once when the template is prefix-stable for it,
+    else one rendering per trained assistant turn (the conversation up to that turn, only that turn trained)."""
+    kw = dict(template=template, label=label, train_on_eot=train_on_eot, origin=origin)
+    try:
+        return [(chat, render_chat(tokenizer, chat, **kw))]
+    except NotPrefixStable:
+        pass  # messages after the last trained turn never shape a target: leaving them out is exact
+    turns = []
+    for i in chat.trained:
+        upto = dataclasses.replace(chat, messages=chat.messages[: i + 1], trained=(i,))
+        turns.append((upto, render_chat(tokenizer, upto, **kw)))
+    return turns
 
 
 def protected_prefix(tokenizer, chat: Chat, full: str, *, template: str, label: str = "default", origin=None) -> int:

@@ -44,10 +44,10 @@ from jaxrlhf.data import chat as chat_lib
 from jaxrlhf.data import control_tokens
 from jaxrlhf.data import validate
 from jaxrlhf.data.config import Columns
-from jaxrlhf.data.errors import ExampleDropped
+from jaxrlhf.data.errors import DataError, ExampleDropped
 from jaxrlhf.data.formats import Chat, Plain, Text, parse_preference, parse_sft, record_origin
 
-__all__ = ["boundary_merged", "encode_dpo", "encode_sft"]
+__all__ = ["boundary_merged", "encode_dpo", "encode_sft", "encode_sft_examples"]
 
 
 @dataclasses.dataclass
@@ -170,14 +170,7 @@ def _hide_specials(chat: Chat, literals: control_tokens.Literals) -> Chat:
     return dataclasses.replace(chat, messages=messages)
 
 
-def _chat(tokenizer, chat: Chat, *, template, label, train_on_eot, origin, specials: str) -> _Sequence:
-    literals = None
-    if control_tokens.find_in_chat(chat.messages, tokenizer, specials, origin):
-        literals = control_tokens.Literals(control_tokens.special_tokens(tokenizer))
-        chat = _hide_specials(chat, literals)
-    rendered = chat_lib.render_chat(
-        tokenizer, chat, template=template, label=label, train_on_eot=train_on_eot, origin=origin
-    )
+def _chat_sequence(tokenizer, chat: Chat, rendered, literals, *, template, label, origin) -> _Sequence:
     text, spans, ranges, where = rendered.text, rendered.spans, (), None
     if literals is not None:
         text, ranges, where = literals.reveal(rendered.text)
@@ -190,9 +183,28 @@ def _chat(tokenizer, chat: Chat, *, template, label, train_on_eot, origin, speci
     return _Sequence(tokens, mask, ends, protected)
 
 
-def _sequence(
-    example, tokenizer, *, chat_template, train_on_eot, origin, string_boundary, specials, reply_field="completion"
-) -> _Sequence:
+def _chat(
+    tokenizer, chat: Chat, *, template, label, train_on_eot, origin, specials: str, per_turn: bool
+) -> list[_Sequence]:
+    """One sequence, or with ``per_turn`` (SFT) one per trained turn when the template is not prefix-stable."""
+    literals = None
+    if control_tokens.find_in_chat(chat.messages, tokenizer, specials, origin):
+        literals = control_tokens.Literals(control_tokens.special_tokens(tokenizer))
+        chat = _hide_specials(chat, literals)
+    kw = dict(template=template, label=label, train_on_eot=train_on_eot, origin=origin)
+    if per_turn:
+        renderings = chat_lib.render_turns(tokenizer, chat, **kw)
+    else:
+        renderings = [(chat, chat_lib.render_chat(tokenizer, chat, **kw))]
+    return [
+        _chat_sequence(tokenizer, c, r, literals, template=template, label=label, origin=origin) for c, r in renderings
+    ]
+
+
+def _sequences(
+    example, tokenizer, *, chat_template, train_on_eot, origin, string_boundary, specials, reply_field="completion",
+    per_turn=False,
+) -> list[_Sequence]:  # fmt: skip
     if isinstance(example, (Plain, Text)):
         prompt, completion = (example.prompt, example.completion) if isinstance(example, Plain) else ("", example.text)
         # A reply that ends with the EOS token's text (as many datasets store it) means that EOS.
@@ -201,15 +213,16 @@ def _sequence(
         fields = {"prompt": prompt, reply_field: reply} if isinstance(example, Plain) else {"text": reply}
         literal = control_tokens.find_in_strings(fields, tokenizer, specials, origin)
         boundary = string_boundary if isinstance(example, Plain) else "whole"
-        return _plain(tokenizer, prompt, completion, string_boundary=boundary, literal=literal)
+        return [_plain(tokenizer, prompt, completion, string_boundary=boundary, literal=literal)]
     template = chat_lib.template_text(tokenizer, chat_template)
     if chat_template is None:
         label = "(the tokenizer's default)"
     else:
         label = repr(chat_template) if len(chat_template) < 200 else "(inline template)"
     return _chat(
-        tokenizer, example, template=template, label=label, train_on_eot=train_on_eot, origin=origin, specials=specials
-    )
+        tokenizer, example, template=template, label=label, train_on_eot=train_on_eot, origin=origin,
+        specials=specials, per_turn=per_turn,
+    )  # fmt: skip
 
 
 def _fit(sequences: list[_Sequence], *, max_length, max_prompt_length, max_completion_length, truncation):
@@ -261,7 +274,7 @@ def _output(s: _Sequence, max_length: int, origin) -> dict[str, np.ndarray]:
     return example
 
 
-def encode_sft(
+def encode_sft_examples(
     record: dict,
     tokenizer,
     *,
@@ -276,30 +289,60 @@ def encode_sft(
     columns: Columns | None = None,
     fmt: str = "auto",
     origin=None,
-) -> dict[str, np.ndarray]:
-    """One SFT record -> ``{"tokens", "loss_mask"}`` (1-D int32, unpadded, ``len <= max_length``).
+) -> tuple[list[dict[str, np.ndarray]], list[str]]:
+    """One SFT record -> ``(examples, drop reasons)``: one example, or one per trained assistant turn of a
+    conversation whose template is not prefix-stable (see ``chat``), each fitted to the length limits alone.
 
-    Raises ``DataError`` for a bad record and ``ExampleDropped`` for one the length
-    policy leaves out. The mask rule is in this module's docstring.
+    Raises ``DataError`` for a bad record and ``ExampleDropped`` when every example is dropped.
     """
     validate.check_truncation(truncation)
+    validate.check_string_boundary(string_boundary)
+    control_tokens.check_policy(special_tokens_in_content)
     columns = columns or Columns()
     origin = record_origin(record, origin, columns)
     example = parse_sft(record, columns=columns, fmt=fmt, origin=origin)
-    validate.check_string_boundary(string_boundary)
-    control_tokens.check_policy(special_tokens_in_content)
-    sequence = _sequence(
+    sequences = _sequences(
         example, tokenizer, chat_template=chat_template, train_on_eot=train_on_eot, origin=origin,
-        string_boundary=string_boundary, specials=special_tokens_in_content,
+        string_boundary=string_boundary, specials=special_tokens_in_content, per_turn=True,
     )  # fmt: skip
-    (sequence,) = _fit(
-        [sequence],
-        max_length=max_length,
-        max_prompt_length=max_prompt_length,
-        max_completion_length=max_completion_length,
-        truncation=truncation,
-    )
-    return _output(sequence, max_length, origin)
+    examples, dropped = [], []
+    for sequence in sequences:
+        try:
+            (fitted,) = _fit(
+                [sequence],
+                max_length=max_length,
+                max_prompt_length=max_prompt_length,
+                max_completion_length=max_completion_length,
+                truncation=truncation,
+            )
+        except ExampleDropped as e:
+            if len(sequences) == 1:
+                raise
+            dropped.append(e.reason)
+            continue
+        examples.append(_output(fitted, max_length, origin))
+    if not examples:
+        raise ExampleDropped(dropped[0], f"all {len(sequences)} turns of the conversation were dropped")
+    return examples, dropped
+
+
+def encode_sft(record: dict, tokenizer, *, max_length: int, **options) -> dict[str, np.ndarray]:
+    """One SFT record -> ``{"tokens", "loss_mask"}`` (1-D int32, unpadded, ``len <= max_length``); ``options``
+    are those of ``encode_sft_examples``.
+
+    Raises ``DataError`` for a bad record and ``ExampleDropped`` for one the length
+    policy leaves out. The mask rule is in this module's docstring. A conversation
+    whose template is not prefix-stable and that trains several assistant turns
+    encodes to one example per turn: ``encode_sft_examples`` returns them.
+    """
+    examples, dropped = encode_sft_examples(record, tokenizer, max_length=max_length, **options)
+    if len(examples) + len(dropped) > 1:
+        raise DataError(
+            record_origin(record, options.get("origin"), options.get("columns") or Columns()),
+            f"encodes to {len(examples) + len(dropped)} examples (one per assistant turn: the chat template is not "
+            "prefix-stable): use encode_sft_examples",
+        )
+    return examples[0]
 
 
 def encode_dpo(
@@ -338,7 +381,7 @@ def encode_dpo(
         chat_template=chat_template, train_on_eot=train_on_eot, origin=origin, string_boundary=string_boundary,
         specials=special_tokens_in_content,
     )  # fmt: skip
-    sides = [_sequence(pair.side(which), tokenizer, reply_field=which, **kw) for which in ("chosen", "rejected")]
+    sides = [_sequences(pair.side(which), tokenizer, reply_field=which, **kw)[0] for which in ("chosen", "rejected")]
     # Replies that differ only in what the template trims (whitespace) still make the same tokens.
     same_tokens = np.array_equal(sides[0].tokens, sides[1].tokens) and np.array_equal(sides[0].mask, sides[1].mask)
     validate.check_pair(

@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from jaxrlhf.data.config import DataConfig, DatasetConfig
-from jaxrlhf.data.encode import boundary_merged, encode_dpo, encode_sft
+from jaxrlhf.data.encode import boundary_merged, encode_dpo, encode_sft_examples
 from jaxrlhf.data.errors import DataError, ExampleDropped
 from jaxrlhf.data.formats import PREFERENCE_FORMATS
 from jaxrlhf.data.pipeline import encode_options, pack_rows, record_datasets
@@ -58,7 +58,7 @@ def scan(config: DataConfig, *, task: str = "auto", split: str = "train", limit:
     if task == "auto":
         task = _detect_task(*datasets[0])
     tokenizer = load_tokenizer(config.tokenizer)
-    encode = encode_sft if task == "sft" else encode_dpo
+    encode = encode_sft_examples if task == "sft" else (lambda *a, **kw: ([encode_dpo(*a, **kw)], []))
     options = encode_options(config, task)
     result = ScanResult(task)
     for dataset, rows in datasets:
@@ -68,7 +68,7 @@ def scan(config: DataConfig, *, task: str = "auto", split: str = "train", limit:
             result.scanned += 1
             try:
                 row = rows[i]
-                example = encode(
+                examples, dropped = encode(
                     row.data, tokenizer, origin=row.origin, columns=dataset.columns, fmt=dataset.format, **options
                 )
             except ExampleDropped as e:
@@ -76,7 +76,11 @@ def scan(config: DataConfig, *, task: str = "auto", split: str = "train", limit:
             except DataError as e:
                 result.errors.append(str(e))
             else:
-                result.examples.append((str(row.origin), example))
+                for reason in dropped:
+                    result.dropped[reason] = result.dropped.get(reason, 0) + 1
+                for k, example in enumerate(examples):
+                    turn = f", assistant turn {k + 1} of {len(examples)}" if len(examples) > 1 else ""
+                    result.examples.append((f"{row.origin}{turn}", example))
                 merged = boundary_merged(row.data, tokenizer, task=task, columns=dataset.columns, fmt=dataset.format)
                 result.boundary_merges += merged
     return result

@@ -34,7 +34,7 @@ import numpy as np
 
 from jaxrlhf.data import validate
 from jaxrlhf.data.config import DataConfig, DatasetConfig
-from jaxrlhf.data.encode import encode_dpo, encode_sft
+from jaxrlhf.data.encode import encode_dpo, encode_sft_examples
 from jaxrlhf.data.errors import ExampleDropped
 from jaxrlhf.data.sources import expand_paths, open_source
 from jaxrlhf.data.tokenizer import load_tokenizer, pad_id
@@ -66,15 +66,22 @@ class _Encode:
     """Row -> encoded example, or ``{"dropped": reason}``; runs in reader threads and worker processes."""
 
     def __init__(self, task: str, tokenizer_path: str, options: dict, dataset: DatasetConfig):
-        self._encode = {"sft": encode_sft, "dpo": encode_dpo}[task]
+        self._task = task
         self._tokenizer_path = tokenizer_path
         self._options = dict(options, columns=dataset.columns, fmt=dataset.format)
 
     def __call__(self, row):
+        tokenizer = load_tokenizer(self._tokenizer_path)
         try:
-            return self._encode(row.data, load_tokenizer(self._tokenizer_path), origin=row.origin, **self._options)
+            if self._task == "dpo":
+                return encode_dpo(row.data, tokenizer, origin=row.origin, **self._options)
+            examples, dropped = encode_sft_examples(row.data, tokenizer, origin=row.origin, **self._options)
         except ExampleDropped as e:
             return {"dropped": e.reason}
+        if len(examples) == 1 and not dropped:
+            return examples[0]
+        # A conversation rendered once per assistant turn: several examples (and drops) from one record.
+        return {"parts": examples, "dropped_parts": dropped}
 
 
 class _Select(grain.MapDataset):
@@ -176,6 +183,7 @@ class _TallyIterator(grain.DatasetIterator):
         super().__init__(parent)
         self._drop_stats, self._task, self._keep_places, self._records = stats, task, keep_places, records
         self._drops_in_a_row = 0
+        self._pending: list = []  # the examples of a record that gave several, not yet handed on
 
     def _empty(self) -> dict:
         side = {"tokens": np.zeros(0, np.int32), "loss_mask": np.zeros(0, np.int32)}
@@ -183,7 +191,16 @@ class _TallyIterator(grain.DatasetIterator):
 
     def __next__(self):
         while True:
+            if self._pending:
+                self._drop_stats.kept += 1
+                return self._pending.pop(0)
             element = next(self._parent)
+            if "parts" in element:
+                for reason in element["dropped_parts"]:
+                    self._drop_stats.dropped[reason] += 1
+                self._pending = list(element["parts"])
+                self._drops_in_a_row = 0
+                continue
             if "filler" in element:
                 return self._empty()
             if "dropped" in element:
@@ -204,12 +221,15 @@ class _TallyIterator(grain.DatasetIterator):
             return dict(element, pair_mask=1) if self._keep_places and self._task == "dpo" else element
 
     def get_state(self):
-        return {"parent": self._parent.get_state(), **self._drop_stats.as_dict()}
+        # The examples of a record read but not yet handed on belong to the position (JSON: small token lists).
+        pending = [{k: np.asarray(v).tolist() for k, v in example.items()} for example in self._pending]
+        return {"parent": self._parent.get_state(), **self._drop_stats.as_dict(), "pending": pending}
 
     def set_state(self, state):
         self._parent.set_state(state["parent"])
         self._drop_stats.kept = state["kept"]
         self._drop_stats.dropped = collections.Counter(state["dropped"])
+        self._pending = [{k: np.asarray(v, np.int32) for k, v in example.items()} for example in state.get("pending", [])]
 
 
 def pad_row(tokens: np.ndarray, loss_mask: np.ndarray, max_length: int, pad: int) -> dict[str, np.ndarray]:
