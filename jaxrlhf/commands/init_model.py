@@ -15,7 +15,7 @@ class InitModelConfig:
     """Settings of ``jaxrlhf init-model``."""
 
     preset: str = "tiny"
-    """One of: tiny, qwen2.5-0.5b, qwen2.5-1.5b, llama3-8b."""
+    """One of: tiny, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, llama3-8b."""
     out: str = "runs/tiny-model"
     """Output Hugging Face folder."""
     tokenizer: str = ""

@@ -25,8 +25,6 @@ kept examples and drops by reason (restored with the state).
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import math
 
 import grain
@@ -35,6 +33,7 @@ import numpy as np
 from jaxrlhf.data import validate
 from jaxrlhf.data.config import DataConfig, DatasetConfig
 from jaxrlhf.data.encode import encode_dpo, encode_sft_examples
+from jaxrlhf.data.tally import DropStats, Tally
 from jaxrlhf.data.errors import ExampleDropped
 from jaxrlhf.data.sources import expand_paths, open_source
 from jaxrlhf.data.tokenizer import load_tokenizer, pad_id
@@ -147,89 +146,6 @@ def _process_slice(ds: grain.MapDataset, shard: grain.sharding.ShardOptions, *, 
     n, count, index = len(ds), shard.shard_count, shard.shard_index
     per = n // count if even else math.ceil(n / count)
     return ds[index * per : min(n, (index + 1) * per)]
-
-
-@dataclasses.dataclass
-class DropStats:
-    """Examples kept and dropped (by reason) so far by this process's iterator."""
-
-    kept: int = 0
-    dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-
-    def as_dict(self) -> dict:
-        return {"kept": self.kept, "dropped": dict(sorted(self.dropped.items()))}
-
-
-class _Tally(grain.IterDataset):
-    """Counts kept and dropped examples; drops vanish (train) or become empty examples (eval).
-
-    ``records`` (train) is one pass over this process's records: that many drops in a
-    row mean no example survives the settings, which repeating forever would hide.
-    """
-
-    def __init__(self, parent: grain.IterDataset, stats: DropStats, *, task: str, keep_places: bool, records=None):
-        super().__init__(parent)
-        self._drop_stats, self._task, self._keep_places, self._records = stats, task, keep_places, records
-
-    def __iter__(self):
-        return _TallyIterator(
-            self._parent.__iter__(), self._drop_stats, task=self._task, keep_places=self._keep_places,
-            records=self._records,
-        )  # fmt: skip
-
-
-class _TallyIterator(grain.DatasetIterator):
-    def __init__(self, parent, stats: DropStats, *, task: str, keep_places: bool, records=None):
-        super().__init__(parent)
-        self._drop_stats, self._task, self._keep_places, self._records = stats, task, keep_places, records
-        self._drops_in_a_row = 0
-        self._pending: list = []  # the examples of a record that gave several, not yet handed on
-
-    def _empty(self) -> dict:
-        side = {"tokens": np.zeros(0, np.int32), "loss_mask": np.zeros(0, np.int32)}
-        return {"chosen": side, "rejected": dict(side), "pair_mask": 0} if self._task == "dpo" else side
-
-    def __next__(self):
-        while True:
-            if self._pending:
-                self._drop_stats.kept += 1
-                return self._pending.pop(0)
-            element = next(self._parent)
-            if "parts" in element:
-                for reason in element["dropped_parts"]:
-                    self._drop_stats.dropped[reason] += 1
-                self._pending = list(element["parts"])
-                self._drops_in_a_row = 0
-                continue
-            if "filler" in element:
-                return self._empty()
-            if "dropped" in element:
-                self._drop_stats.dropped[element["dropped"]] += 1
-                if self._keep_places:
-                    return self._empty()
-                self._drops_in_a_row += 1
-                if self._records is not None and self._drops_in_a_row >= self._records:
-                    dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(self._drop_stats.dropped.items()))
-                    raise ValueError(
-                        f"a whole pass over the training data ({self._records} records on this process) kept no "
-                        f"example (dropped: {dropped}): check data.max_length and the other length limits "
-                        "(`jaxrlhf inspect-data` shows lengths)"
-                    )
-                continue
-            self._drops_in_a_row = 0
-            self._drop_stats.kept += 1
-            return dict(element, pair_mask=1) if self._keep_places and self._task == "dpo" else element
-
-    def get_state(self):
-        # The examples of a record read but not yet handed on belong to the position (JSON: small token lists).
-        pending = [{k: np.asarray(v).tolist() for k, v in example.items()} for example in self._pending]
-        return {"parent": self._parent.get_state(), **self._drop_stats.as_dict(), "pending": pending}
-
-    def set_state(self, state):
-        self._parent.set_state(state["parent"])
-        self._drop_stats.kept = state["kept"]
-        self._drop_stats.dropped = collections.Counter(state["dropped"])
-        self._pending = [{k: np.asarray(v, np.int32) for k, v in example.items()} for example in state.get("pending", [])]
 
 
 def pad_row(tokens: np.ndarray, loss_mask: np.ndarray, max_length: int, pad: int) -> dict[str, np.ndarray]:
@@ -414,7 +330,7 @@ def make_iterator(
             )
         )
     stats = DropStats()
-    it = _Tally(it, stats, task=task, keep_places=not training, records=total if training else None)
+    it = Tally(it, stats, task=task, keep_places=not training, records=total if training else None)
     if task == "sft" and training and config.packing != "none":
         it = pack_rows(
             it,

@@ -27,6 +27,11 @@ PRESETS: dict[str, ModelConfig] = {
         num_heads=12, num_kv_heads=2, head_dim=128, qkv_bias=True, tie_word_embeddings=True,
         rope=RopeConfig(theta=1000000.0), max_position_embeddings=32768,
     ),
+    "qwen2.5-7b": ModelConfig(
+        model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+        num_heads=28, num_kv_heads=4, head_dim=128, qkv_bias=True, tie_word_embeddings=False,
+        rope=RopeConfig(theta=1000000.0), max_position_embeddings=32768,
+    ),
     "llama3-8b": ModelConfig(
         model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
         num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope=RopeConfig(theta=500000.0),

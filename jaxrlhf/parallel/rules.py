@@ -12,7 +12,10 @@ already used by another dimension), and replicates otherwise. So 2 KV heads on
 a tensor axis of 4 are replicated while 8 query heads are split, and a batch
 of 2 on ``("data", "fsdp") = (2, 2)`` is split over ``data`` only.
 
-For parameters (nnx Variables with ``logical_axes`` metadata):
+For parameters (nnx Variables with ``logical_axes`` metadata), FSDP falls back
+to another dimension when the one the rules name does not divide (``embed`` of
+896 on 6 devices: the MLP width, or the vocabulary, takes ``fsdp`` instead), so a
+parameter is replicated only when no dimension divides:
 
 - ``partition_specs(tree, mesh)`` -> the same tree with a ``PartitionSpec`` per
   Variable (for ``jax.jit`` in/out shardings);
@@ -40,6 +43,7 @@ __all__ = [
     "named_shardings",
     "shard_module",
     "annotate_out_sharding",
+    "wants_fsdp",
 ]
 
 LOGICAL_AXES = "logical_axes"  # the nnx Variable metadata key holding the logical names
@@ -124,11 +128,45 @@ def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
+def _entry_axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def wants_fsdp(logical_axes, rules: Rules = DEFAULT_RULES) -> bool:
+    """Whether the rules mean to shard a parameter with these logical axes over ``fsdp``."""
+    return any("fsdp" in _mesh_axes_for(name, rules) for name in logical_axes)
+
+
+def _fsdp_fallback(spec: PartitionSpec, logical_axes, shape, mesh_shape: Mapping[str, int], rules: Rules):
+    """FSDP along another dimension when the one the rules name does not divide (hidden 896 on 6 devices).
+
+    Only for parameters the rules mean to shard over ``fsdp``; the largest
+    dimension (never the stacked ``layers`` one) that still divides takes it. A
+    parameter with no such dimension stays replicated, and the dry run reports it.
+    """
+    fsdp = mesh_shape.get("fsdp", 1)
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    used = {axis for entry in entries for axis in _entry_axes(entry)}
+    if fsdp == 1 or "fsdp" in used or not wants_fsdp(logical_axes, rules):
+        return spec
+    order = sorted((i for i, name in enumerate(logical_axes) if name != "layers"), key=lambda i: -shape[i])
+    for i in order:
+        axes = _entry_axes(entries[i])
+        shards = 1
+        for axis in axes:
+            shards *= mesh_shape[axis]
+        if shape[i] % (shards * fsdp) == 0:
+            entries[i] = "fsdp" if not axes else (*axes, "fsdp")
+            return PartitionSpec(*entries)
+    return spec
+
+
 def _variable_spec(variable: nnx.Variable, mesh_shape: Mapping[str, int], rules: Rules) -> PartitionSpec:
     logical_axes = variable.get_metadata().get(LOGICAL_AXES)
     if logical_axes is None:
         return PartitionSpec()
-    return logical_to_spec(logical_axes, variable.shape, mesh_shape, rules)
+    spec = logical_to_spec(logical_axes, variable.shape, mesh_shape, rules)
+    return _fsdp_fallback(spec, logical_axes, variable.shape, mesh_shape, rules)
 
 
 def partition_specs(tree, mesh: Mesh, rules: Rules = DEFAULT_RULES):

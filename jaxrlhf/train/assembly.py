@@ -45,7 +45,9 @@ from jaxrlhf.train.run_config import (
     ModelArgs,
     TrainConfig,
     changed_settings,
+    check_batch_layout,
     checkpoint_meaning,
+    eval_micro_batches,
     model_config_of,
     rows_are_packed,
 )
@@ -228,6 +230,7 @@ def assemble(config: TrainConfig, task: str) -> Run:
     if jax.process_index() == 0:
         prepare_run_dir(run_dir)
     mesh = make_mesh(config.mesh)
+    check_batch_layout(config, dict(mesh.shape))
     checkpointer = Checkpointer(run_dir / "checkpoints", config.checkpoint)
     latest = checkpointer.latest_step
     if latest is not None and not config.checkpoint.resume:
@@ -294,9 +297,11 @@ def assemble(config: TrainConfig, task: str) -> Run:
     evaluate = None
     if config.has_eval():
         if task == "sft":
-            evaluate = sft_evaluator(logprob_fn, eval_batches)
+            evaluate = sft_evaluator(logprob_fn, eval_batches, micro_batches=eval_micro_batches(config))
         else:
-            evaluate = dpo_evaluator(logprob_fn, eval_batches, ref_params=ref_params, spec=spec)
+            evaluate = dpo_evaluator(
+                logprob_fn, eval_batches, ref_params=ref_params, spec=spec, micro_batches=eval_micro_batches(config)
+            )
     diagnoses: list[str] = []
     watchers = [NonFiniteWatcher(lambda: checkpointer.latest_step)]
     if config.diagnostics.zero_grad_patience > 0:

@@ -1,35 +1,48 @@
-"""`--dry_run true`: will this config fit? Compile the real step on abstract arrays and report bytes per device.
+"""`--dry_run true`: will this config fit? Compile the real steps on abstract arrays and judge the plan.
 
 Nothing is allocated: parameters are ``eval_shape``d on the config's mesh, the
-optimizer state's shardings are the trainer's, and the jitted SFT or DPO step
-(``build_train_step``, the one training runs, donation included) is lowered and
-compiled on ``ShapeDtypeStruct`` inputs. Where the hardware is absent (a laptop
-planning a pod run), the mesh is built from fake CPU devices (``dry_run_devices``).
+optimizer state's shardings are the trainer's, and the jitted train step
+(``build_train_step``, the one training runs, donation included) and the eval
+step (in the training micro-batches) are lowered and compiled on
+``ShapeDtypeStruct`` inputs. Where the hardware is absent (a laptop planning a pod
+run), the mesh is built from fake CPU devices (``dry_run_devices``). The plan is
+judged against the device's memory (``verdict``): one that does not fit exits 1
+with the settings that would.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from rich.console import Console
 from rich.table import Table
 
 from jaxrlhf.models import make_logprob_fn
 from jaxrlhf.parallel.mesh import make_mesh
+from jaxrlhf.parallel.rules import LOGICAL_AXES, wants_fsdp
+from jaxrlhf.train import steps
 from jaxrlhf.train.assembly import lm_head_chunk_size
 from jaxrlhf.train.optim import make_optimizer
 from jaxrlhf.train.prefetch import batch_sharding
-from jaxrlhf.train.run_config import TrainConfig, model_config_of, rows_are_packed
-from jaxrlhf.train.step_assembly import (
-    abstract_params,
-    abstract_train_state,
-    build_train_step,
+from jaxrlhf.train.run_config import (
+    TrainConfig,
+    check_batch_layout,
+    eval_micro_batches,
+    model_config_of,
+    rows_are_packed,
 )
+from jaxrlhf.train.step_assembly import abstract_params, abstract_train_state, build_train_step
+from jaxrlhf.train.verdict import PlanDoesNotFit, budget_of, judge, ways_out
+
+GIB = 2**30
+PARTS = ("parameters", "optimizer", "reference", "batch", "temporaries")
 
 
 def use_fake_devices(count: int) -> None:
@@ -48,27 +61,43 @@ def _per_device_bytes(tree) -> int:
     return total
 
 
-def dry_run(config: TrainConfig, task: str) -> dict:
-    """Compile the step of ``config`` and return (and print) the per-device memory plan in bytes."""
-    if config.dry_run_devices > 0:
-        use_fake_devices(config.dry_run_devices)
-    if config.model.attention_impl == "cudnn" and jax.devices()[0].platform == "cpu":
-        # cuDNN kernels do not compile for CPU; XLA's attention holds the [T, T] scores, so this overestimates.
-        print("dry run on CPU devices: attention_impl cudnn -> xla (temporaries are an upper bound)")
-        config = dataclasses.replace(config, model=dataclasses.replace(config.model, attention_impl="xla"))
-    spec = config.dpo.spec(config.micro_batches) if task == "dpo" else None
-    mesh = make_mesh(config.mesh)
-    param_dtype = config.model.param_dtype
-    model_config = model_config_of(config.model, config.model.path, param_dtype=param_dtype, tokenizer=config.data.tokenizer)
-    tx, schedule = make_optimizer(config.optim, config.max_steps or 1000)
-    graphdef, state = abstract_train_state(model_config, tx, mesh)
-    params, opt_state = state.params, state.opt_state
-    shape = (config.data.batch_size, config.data.max_length) if task == "sft" else (
-        config.data.batch_size, 2, config.data.max_length)  # fmt: skip
+def _replicated_bytes(params, mesh) -> int:
+    """Per-device bytes of parameters meant for FSDP that it could not split (no dimension divides)."""
+    if mesh.shape["fsdp"] == 1:
+        return 0
+    total = 0
+    for variable in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        leaf = variable.get_value()
+        axes = {a for entry in leaf.sharding.spec for a in ((entry,) if isinstance(entry, str) else entry or ())}
+        if "fsdp" not in axes and wants_fsdp(variable.get_metadata().get(LOGICAL_AXES, ())):
+            total += math.prod(leaf.sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _abstract_batch(config: TrainConfig, task: str, rows: int, mesh, *, eval_: bool) -> dict:
+    shape = (rows, config.data.max_length) if task == "sft" else (rows, 2, config.data.max_length)
     batch = {
         key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, len(shape)))
         for key in ("tokens", "loss_mask", "segment_ids", "positions")
     }
+    if task == "dpo" and config.dpo.reference == "precomputed":
+        batch["ref_logps"] = jax.ShapeDtypeStruct(shape[:2], jnp.float32, sharding=batch_sharding(mesh, 2))
+    if task == "dpo" and eval_:
+        batch["pair_mask"] = jax.ShapeDtypeStruct(shape[:1], jnp.int32, sharding=batch_sharding(mesh, 1))
+    return batch
+
+
+def plan(config: TrainConfig, task: str) -> dict:
+    """The per-device memory plan (bytes) of training and of evaluation, from XLA's compiled steps."""
+    spec = config.dpo.spec(config.micro_batches) if task == "dpo" else None
+    mesh = make_mesh(config.mesh)
+    check_batch_layout(config, dict(mesh.shape))
+    model_config = model_config_of(
+        config.model, config.model.path, param_dtype=config.model.param_dtype, tokenizer=config.data.tokenizer
+    )
+    tx, schedule = make_optimizer(config.optim, config.max_steps or 1000)
+    graphdef, state = abstract_train_state(model_config, tx, mesh)
+    batch = _abstract_batch(config, task, config.data.batch_size, mesh, eval_=False)
     chunk_size = lm_head_chunk_size(config, task, mesh, model_config.vocab_size)
     logprob_fn = make_logprob_fn(graphdef, chunk_size=chunk_size, packed=rows_are_packed(config, task))
     ref_params, reference_bytes = None, 0
@@ -79,9 +108,7 @@ def dry_run(config: TrainConfig, task: str) -> dict:
         )  # fmt: skip
         _, ref_params = abstract_params(ref_config, mesh)
         reference_bytes = _per_device_bytes(ref_params)
-    elif task == "dpo" and config.dpo.reference == "precomputed":
-        batch["ref_logps"] = jax.ShapeDtypeStruct(shape[:2], jnp.float32, sharding=batch_sharding(mesh, 2))
-    jitted = build_train_step(
+    step = build_train_step(
         task,
         logprob_fn=logprob_fn,
         tx=tx,
@@ -91,25 +118,67 @@ def dry_run(config: TrainConfig, task: str) -> dict:
         spec=spec,
     )
     with jax.set_mesh(mesh):
-        compiled = jitted.lower(state, batch, ref_params).compile()
-    memory = compiled.memory_analysis()
+        train = step.lower(state, batch, ref_params).compile().memory_analysis()
     report = {
         "devices": mesh.devices.size,
         "mesh": dict(mesh.shape),
-        "parameters": _per_device_bytes(params),
-        "optimizer": _per_device_bytes(opt_state),
+        "parameters": _per_device_bytes(state.params),
+        "optimizer": _per_device_bytes(state.opt_state),
         "reference": reference_bytes,
         "batch": _per_device_bytes(batch),
-        "temporaries": int(memory.temp_size_in_bytes),
+        "temporaries": int(train.temp_size_in_bytes),
+        "replicated_parameters": _replicated_bytes(state.params, mesh),
+        "parameter_count": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
     }
-    report["total"] = sum(report[k] for k in ("parameters", "optimizer", "reference", "batch", "temporaries"))
-    report["parameter_count"] = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    report["total"] = sum(report[k] for k in PARTS)
+    if config.has_eval():
+        eval_rows = config.data.eval_batch_size or config.data.batch_size
+        eval_batch = _abstract_batch(config, task, eval_rows, mesh, eval_=True)
+        micro = eval_micro_batches(config)
+        if task == "sft":
+            evaluate = functools.partial(steps.sft_eval_sums, logprob_fn=logprob_fn, num_micro_batches=micro)
+        else:
+            evaluate = functools.partial(steps.dpo_eval_pairs, logprob_fn=logprob_fn, num_micro_batches=micro)
+        kwargs = {"ref_params": ref_params} if task == "dpo" else {}
+        with jax.set_mesh(mesh):
+            compiled = jax.jit(evaluate).lower(state.params, eval_batch, **kwargs).compile().memory_analysis()
+        # Eval runs mid-training: the optimizer state and the reference stay resident.
+        report["eval_temporaries"] = int(compiled.temp_size_in_bytes)
+        report["eval_total"] = (
+            report["parameters"] + report["optimizer"] + reference_bytes + _per_device_bytes(eval_batch)
+            + report["eval_temporaries"]
+        )  # fmt: skip
+    return report
+
+
+def dry_run(config: TrainConfig, task: str) -> dict:
+    """Plan ``config``, print it and, when the device is known, its verdict; raise ``PlanDoesNotFit`` if it
+    does not fit (after searching the micro-batch and remat settings that would)."""
+    if config.dry_run_devices > 0:
+        use_fake_devices(config.dry_run_devices)
+    if config.model.attention_impl == "cudnn" and jax.devices()[0].platform == "cpu":
+        # cuDNN kernels do not compile for CPU; XLA's attention holds the [T, T] scores, so this overestimates.
+        print("dry run on CPU devices: attention_impl cudnn -> xla (temporaries are an upper bound)")
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, attention_impl="xla"))
+    report = plan(config, task)
     _print(report, config, task)
+    budget = budget_of(config)
+    if budget is None:
+        Console().print("no verdict: name the device (hardware, --dry_run_device or --dry_run_device_memory_gib)")
+        return report
+    verdict = judge(report, budget, config.dry_run_headroom)
+    report.update(verdict=verdict.word, budget=verdict.as_dict())
+    Console().print(verdict.line, highlight=False)
+    if not verdict.fits:
+        outs = ways_out(config, task, report, budget, plan_fn=plan)
+        report["ways_out"] = outs
+        for line in outs:
+            Console().print(f"  way out: {line}", highlight=False)
+        raise PlanDoesNotFit(verdict.summary(outs), report)
     return report
 
 
 def _print(report: dict, config: TrainConfig, task: str) -> None:
-    gib = 2**30
     console = Console()
     console.print(
         f"dry run: {task} of {config.model.preset or config.model.path} on mesh {report['mesh']} "
@@ -119,7 +188,13 @@ def _print(report: dict, config: TrainConfig, task: str) -> None:
     table = Table(title="memory per device", title_justify="left")
     table.add_column("per device")
     table.add_column("GiB", justify="right")
-    for key in ("parameters", "optimizer", "reference", "batch", "temporaries", "total"):
-        table.add_row(key, f"{report[key] / gib:.3f}")
+    for key in (*PARTS, "total", "eval_temporaries", "eval_total"):
+        if key in report:
+            table.add_row(key, f"{report[key] / GIB:.3f}")
     console.print(table)
     console.print("temporaries: activations and workspace of the compiled step, as XLA planned them")
+    if report["replicated_parameters"]:
+        console.print(
+            f"replicated: {report['replicated_parameters'] / GIB:.3f} GiB of parameters have no dimension that "
+            f"divides over fsdp {report['mesh']['fsdp']} and sit whole on every device"
+        )

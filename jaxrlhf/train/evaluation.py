@@ -2,7 +2,9 @@
 
 SFT sums NLL and trained tokens over the whole split and divides once; DPO
 gathers every pair (with its padding mask) on every process, so the metrics are
-global and computed as TRL logs them.
+global and computed as TRL logs them. Each eval batch runs in micro-batches of
+the training micro-batch's rows with the same LM-head chunks, so eval fits
+wherever training fits.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from jax.experimental import multihost_utils
 from jaxrlhf.train import steps
 
 
-def sft_evaluator(logprob_fn: steps.LogprobFn, eval_batches: Callable[[], Iterator[dict]]):
+def sft_evaluator(logprob_fn: steps.LogprobFn, eval_batches: Callable[[], Iterator[dict]], *, micro_batches: int = 1):
     """``state -> {"loss": nats per trained token, "trained_tokens"}`` over the eval split."""
-    eval_sums = jax.jit(functools.partial(steps.sft_eval_sums, logprob_fn=logprob_fn))
+    eval_sums = jax.jit(
+        functools.partial(steps.sft_eval_sums, logprob_fn=logprob_fn, num_micro_batches=micro_batches)
+    )
 
     def evaluate(state) -> dict[str, float]:
         nll, tokens = 0.0, 0.0
@@ -32,10 +36,17 @@ def sft_evaluator(logprob_fn: steps.LogprobFn, eval_batches: Callable[[], Iterat
 
 
 def dpo_evaluator(
-    logprob_fn: steps.LogprobFn, eval_batches: Callable[[], Iterator[dict]], *, ref_params, spec: steps.DpoLossSpec
+    logprob_fn: steps.LogprobFn,
+    eval_batches: Callable[[], Iterator[dict]],
+    *,
+    ref_params,
+    spec: steps.DpoLossSpec,
+    micro_batches: int = 1,
 ):
     """``state -> DPO metrics`` (loss, rewards, margins, accuracies) over every eval pair."""
-    eval_pairs = jax.jit(functools.partial(steps.dpo_eval_pairs, logprob_fn=logprob_fn))
+    eval_pairs = jax.jit(
+        functools.partial(steps.dpo_eval_pairs, logprob_fn=logprob_fn, num_micro_batches=micro_batches)
+    )
 
     def evaluate(state) -> dict[str, float]:
         pairs = [

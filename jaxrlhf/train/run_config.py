@@ -28,7 +28,7 @@ class ModelArgs:
     path: str = ""
     """Local Hugging Face model folder (config.json + safetensors)."""
     preset: str = ""
-    """Instead of a folder: a preset shape with random weights (tiny, qwen2.5-0.5b, qwen2.5-1.5b, llama3-8b)."""
+    """Instead of a folder: a preset shape with random weights (tiny, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, llama3-8b)."""
     dtype: str = "bfloat16"
     """Compute dtype of activations and matmuls."""
     param_dtype: str = "float32"
@@ -96,6 +96,15 @@ class TrainConfig:
     """Compile the step on abstract arrays and print per-device memory; train nothing, read no data or weights."""
     dry_run_devices: int = 0
     """With dry_run: plan on this many fake CPU devices (a laptop planning a pod run); 0 = the real devices."""
+    hardware: str = ""
+    """The accelerator this config is written for (h100, h200, a100-40gb, a100-80gb, b200, tpu-v4, tpu-v5e,
+    tpu-v5p, tpu-v6e, laptop-cpu): the dry run's verdict is against its memory."""
+    dry_run_device: str = ""
+    """With dry_run: judge the plan against this accelerator instead of `hardware`."""
+    dry_run_device_memory_gib: float = 0.0
+    """With dry_run: judge the plan against this much memory per device (GiB) instead."""
+    dry_run_headroom: float = 0.1
+    """Fraction of device memory a plan must leave free: XLA:CPU's plan is not the accelerator's."""
 
     def has_eval(self) -> bool:
         return bool(self.data.eval) or self.data.eval_fraction > 0
@@ -218,3 +227,43 @@ def model_config_of(args: ModelArgs, path: str, *, param_dtype: str, tokenizer: 
 def rows_are_packed(config: TrainConfig, task: str) -> bool:
     """Whether rows may hold several examples; padded rows (DPO always) need no segment mask in attention."""
     return task == "sft" and config.data.packing != "none"
+
+
+def _valid_micro_batches(rows: int, data_parallel: int) -> list[int]:
+    return [m for m in range(1, rows + 1) if rows % m == 0 and (rows // m) % data_parallel == 0]
+
+
+def eval_micro_batches(config: TrainConfig) -> int:
+    """Eval runs micro-batches of the training micro-batch's rows, so eval fits wherever training does."""
+    rows = config.data.eval_batch_size or config.data.batch_size
+    per_micro = config.data.batch_size // max(config.micro_batches, 1)
+    return max(rows // max(per_micro, 1), 1)
+
+
+def check_batch_layout(config: TrainConfig, mesh_shape: dict) -> None:
+    """Every (micro-)batch splits evenly over the data-parallel devices, or a ConfigError names the way out.
+
+    A micro-batch whose rows do not divide over ``data x fsdp`` is not split at all:
+    XLA quietly runs it whole on every device.
+    """
+    dp = mesh_shape["data"] * mesh_shape["fsdp"]
+    mesh = "x".join(f"{k} {v}" for k, v in mesh_shape.items())
+    batch, micro = config.data.batch_size, max(config.micro_batches, 1)
+    if batch % (dp * micro) == 0:
+        eval_rows = config.data.eval_batch_size or batch
+        per_micro = batch // micro
+        if eval_rows % per_micro:
+            raise ConfigError(
+                f"data.eval_batch_size {eval_rows} is not a multiple of the training micro-batch ({per_micro} rows: "
+                f"data.batch_size {batch} / micro_batches {micro}); eval runs micro-batches of that size"
+            )
+        return
+    step = dp * micro
+    sizes = sorted({max(step, batch // step * step), (batch // step + 1) * step})
+    valid = _valid_micro_batches(batch, dp)
+    hint = f"micro_batches {', '.join(map(str, valid))}" if valid else f"no micro_batches value works for batch {batch}"
+    raise ConfigError(
+        f"data.batch_size {batch} with micro_batches {micro} does not split over the {dp} data-parallel devices of "
+        f"mesh {mesh} (each micro-batch needs a multiple of {dp} rows): use data.batch_size "
+        f"{' or '.join(map(str, sizes))}, or with batch {batch}: {hint}"
+    )

@@ -247,27 +247,44 @@ def dpo_step(
     return _apply_gradients(state, grads, tx), metrics
 
 
-def sft_eval_sums(params, batch: dict, *, logprob_fn: LogprobFn) -> dict:
+def _per_micro_batch(fn, batch: dict, num_micro_batches: int):
+    """``fn`` over the micro-batches of ``batch`` one at a time (as training runs them): ``[n, ...]`` outputs."""
+    if num_micro_batches == 1:
+        return jax.tree.map(lambda x: x[None], fn(batch))
+    return jax.lax.map(fn, split_micro_batches(batch, num_micro_batches))
+
+
+def sft_eval_sums(params, batch: dict, *, logprob_fn: LogprobFn, num_micro_batches: int = 1) -> dict:
     """Summed NLL and trained-token count of an eval batch (the caller divides once at the end)."""
-    token_lp = logprob_fn(params, batch["tokens"], batch["positions"], batch["segment_ids"])
-    _, metrics = losses.sft_loss(token_lp, batch["loss_mask"])
-    return {"nll_sum": metrics["nll_sum"], "trained_tokens": metrics["trained_tokens"]}
+
+    def sums(mb):
+        token_lp = logprob_fn(params, mb["tokens"], mb["positions"], mb["segment_ids"])
+        _, metrics = losses.sft_loss(token_lp, mb["loss_mask"])
+        return {"nll_sum": metrics["nll_sum"], "trained_tokens": metrics["trained_tokens"]}
+
+    return jax.tree.map(lambda x: x.sum(0), _per_micro_batch(sums, batch, num_micro_batches))
 
 
-def dpo_eval_pairs(params, batch: dict, *, logprob_fn: LogprobFn, ref_params=None) -> dict:
+def dpo_eval_pairs(params, batch: dict, *, logprob_fn: LogprobFn, ref_params=None, num_micro_batches: int = 1) -> dict:
     """Per-pair policy/reference log-probs and lengths ``[B, 2]`` of an eval batch, with its ``pair_mask``.
 
     Aggregation happens on the host, where padding pairs are masked out; the mask
     travels with the outputs so that gathering keeps rows and mask aligned.
     """
-    policy, lengths = pair_logps(logprob_fn, params, batch)
-    if "ref_logps" in batch:
-        reference = batch["ref_logps"].astype(jnp.float32)
-    elif ref_params is not None:
-        reference = pair_logps(logprob_fn, ref_params, batch)[0]
-    else:
-        reference = jnp.zeros_like(policy)
-    return {"policy": policy, "reference": reference, "lengths": lengths, "pair_mask": batch["pair_mask"]}
+
+    def pairs(mb):
+        policy, lengths = pair_logps(logprob_fn, params, mb)
+        if "ref_logps" in mb:
+            reference = mb["ref_logps"].astype(jnp.float32)
+        elif ref_params is not None:
+            reference = pair_logps(logprob_fn, ref_params, mb)[0]
+        else:
+            reference = jnp.zeros_like(policy)
+        return {"policy": policy, "reference": reference, "lengths": lengths, "pair_mask": mb["pair_mask"]}
+
+    out = _per_micro_batch(pairs, batch, num_micro_batches)
+    # Micro-batch i holds rows i, i + n, ...: interleave them back into the batch's row order.
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), out)
 
 
 def dpo_eval_metrics(pairs: Sequence[dict], spec: DpoLossSpec) -> dict[str, float]:
