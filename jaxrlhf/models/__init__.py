@@ -25,6 +25,7 @@ from jaxrlhf.models.config import ModelConfig, RopeConfig, config_from_hf, confi
 from jaxrlhf.models.decoder import Decoder, KVCache, init_model, segment_positions
 from jaxrlhf.models.hf_io import HF_NAME_MAPS, end_of_turn_token_id, load_hf, save_hf
 from jaxrlhf.ops.logprobs import chunked_token_logprobs
+from jaxrlhf.parallel.rules import DEFAULT_RULES
 
 __all__ = [
     "HF_NAME_MAPS",
@@ -44,6 +45,8 @@ __all__ = [
     "token_logprobs",
 ]
 
+# The mesh axes the batch is sharded over, from the rules table (the LM-head gradient is reduced over them once).
+_BATCH_AXES = tuple(dict(DEFAULT_RULES)["batch"])
 _CHUNK_LOGITS = 2**26  # logits per LM-head chunk: 256 MiB in f32, whatever the batch or vocabulary
 
 
@@ -84,6 +87,8 @@ def make_logprob_fn(graphdef: nnx.GraphDef, *, chunk_size: int | None = None, pa
         model = nnx.merge(graphdef, params)
         hidden = model(tokens, positions=positions, segment_ids=segment_ids if packed else None)
         chunk = chunk_size or default_chunk_size(tokens.shape[0], model.config.vocab_size)
-        return chunked_token_logprobs(hidden, model.lm_head_matrix(), tokens, chunk_size=chunk, segment_ids=segment_ids)
+        return chunked_token_logprobs(
+            hidden, model.lm_head_matrix(), tokens, chunk_size=chunk, segment_ids=segment_ids, batch_axes=_BATCH_AXES
+        )
 
     return logprob_fn

@@ -81,6 +81,7 @@ def chunked_token_logprobs(
     *,
     chunk_size: int,
     segment_ids: jax.Array | None = None,
+    batch_axes: tuple[str, ...] = (),
 ) -> jax.Array:
     """``token_logprobs(hidden @ lm_head, tokens)`` without ever holding ``[B, T, V]``.
 
@@ -89,6 +90,11 @@ def chunked_token_logprobs(
     recomputes each chunk's logits in the backward pass, so the temporaries are
     ``B * chunk_size * V`` floats in both directions. Matmuls accumulate in f32
     (bf16 ``hidden``/``lm_head`` are fine); gradients come back in the inputs' dtypes.
+
+    ``batch_axes`` names the mesh axes the batch is sharded over (when a mesh is
+    set): the backward then keeps each batch shard's partial ``[D, V]`` gradient on
+    its own devices through the chunk loop and reduces it once after it, instead of
+    one all-reduce of the ``[D, V]`` gradient per chunk.
     """
     if hidden.ndim != 3 or lm_head.ndim != 2 or hidden.shape[-1] != lm_head.shape[0]:
         raise ValueError(f"expected hidden [B, T, D] and lm_head [D, V], got {hidden.shape} and {lm_head.shape}")
@@ -102,7 +108,9 @@ def chunked_token_logprobs(
     length = tokens.shape[1]
     # Same number of chunks, evened out: T=512 at chunk_size 441 runs 2 x 256, not 2 x 441 with 370 padded rows.
     chunk_size = -(-length // -(-length // min(chunk_size, length)))
-    source_lp = _chunked_source_logprobs(hidden, lm_head, next_tokens.astype(jnp.int32), next_valid, chunk_size)
+    source_lp = _chunked_source_logprobs(
+        hidden, lm_head, next_tokens.astype(jnp.int32), next_valid, chunk_size, tuple(batch_axes)
+    )
     return _to_target_index(source_lp)
 
 
@@ -134,8 +142,8 @@ def _chunk_forward(hidden_chunk, lm_head, targets_chunk):
     return target_logit - log_normaliser, log_normaliser
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked_source_logprobs(hidden, lm_head, next_tokens, next_valid, chunk_size):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked_source_logprobs(hidden, lm_head, next_tokens, next_valid, chunk_size, batch_axes):
     return _chunked_forward(hidden, lm_head, next_tokens, next_valid, chunk_size)[0]
 
 
@@ -153,16 +161,32 @@ def _chunked_forward(hidden, lm_head, next_tokens, next_valid, chunk_size):
     return lp, _merge_chunks(log_normaliser, length)
 
 
-def _chunked_fwd(hidden, lm_head, next_tokens, next_valid, chunk_size):
+def _chunked_fwd(hidden, lm_head, next_tokens, next_valid, chunk_size, batch_axes):
     lp, log_normaliser = _chunked_forward(hidden, lm_head, next_tokens, next_valid, chunk_size)
     return lp, (hidden, lm_head, next_tokens, next_valid, log_normaliser)
 
 
-def _chunked_bwd(chunk_size, residuals, lp_cotangent):
+def _batch_shards(batch_axes: tuple[str, ...], batch: int) -> tuple[tuple[str, ...], int]:
+    """The mesh axes (of ``batch_axes``) the batch is split over in the current mesh, and their size."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return (), 1
+    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    shards = 1
+    for axis in axes:
+        shards *= mesh.shape[axis]
+    return (axes, shards) if shards > 1 and batch % shards == 0 else ((), 1)
+
+
+def _chunked_bwd(chunk_size, batch_axes, residuals, lp_cotangent):
     hidden, lm_head, next_tokens, next_valid, log_normaliser = residuals
-    length = hidden.shape[1]
+    batch, length = hidden.shape[:2]
     # d lp / d logits = onehot(target) - softmax(logits), scaled by the incoming cotangent.
     weight = jnp.where(next_valid, lp_cotangent, 0.0).astype(jnp.float32)
+    axes, shards = _batch_shards(batch_axes, batch)
+
+    def by_shard(x):  # [B, c, ...] -> [shards, B / shards, c, ...]: the rows each batch shard holds
+        return x.reshape(shards, batch // shards, *x.shape[1:])
 
     def body(lm_head_grad, chunk):
         hidden_chunk, targets_chunk, lse_chunk, weight_chunk = chunk
@@ -173,14 +197,16 @@ def _chunked_bwd(chunk_size, residuals, lp_cotangent):
         # f32 copy of the whole [D, V] matrix. Accumulation stays f32.
         logits_grad = (weight_chunk[..., None] * (onehot - probs)).astype(lm_head.dtype)
         hidden_grad = jnp.einsum("bcv,dv->bcd", logits_grad, lm_head, preferred_element_type=jnp.float32)
-        lm_head_grad = lm_head_grad + jnp.einsum(
-            "bcd,bcv->dv", hidden_chunk, logits_grad, preferred_element_type=jnp.float32
+        # Each batch shard adds its own rows' partial gradient: a sum over rows held by one shard needs no
+        # communication, so nothing crosses devices until the loop is done.
+        partial = jnp.einsum(
+            "gbcd,gbcv->gdv", by_shard(hidden_chunk), by_shard(logits_grad), preferred_element_type=jnp.float32
         )
-        return lm_head_grad, hidden_grad.astype(hidden.dtype)
+        return _keep_on_shards(lm_head_grad + partial, axes), hidden_grad.astype(hidden.dtype)
 
     lm_head_grad, hidden_grad = jax.lax.scan(
         body,
-        jnp.zeros(lm_head.shape, jnp.float32),
+        _keep_on_shards(jnp.zeros((shards, *lm_head.shape), jnp.float32), axes),
         (
             _split_chunks(hidden, chunk_size),
             _split_chunks(next_tokens, chunk_size),
@@ -188,7 +214,17 @@ def _chunked_bwd(chunk_size, residuals, lp_cotangent):
             _split_chunks(weight, chunk_size),
         ),
     )
-    return _merge_chunks(hidden_grad, length), lm_head_grad.astype(lm_head.dtype), None, None
+    # The one reduction over the batch shards, after the loop.
+    return _merge_chunks(hidden_grad, length), lm_head_grad.sum(0).astype(lm_head.dtype), None, None
+
+
+def _keep_on_shards(partial: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """Pin the leading (batch-shard) axis of the partial gradients to the batch's mesh axes."""
+    if not axes:
+        return partial
+    unconstrained = jax.sharding.PartitionSpec.UNCONSTRAINED
+    spec = jax.sharding.PartitionSpec(axes, *([unconstrained] * (partial.ndim - 1)))
+    return jax.lax.with_sharding_constraint(partial, spec)
 
 
 _chunked_source_logprobs.defvjp(_chunked_fwd, _chunked_bwd)
