@@ -246,9 +246,12 @@ def check_batch_layout(config: TrainConfig, mesh_shape: dict) -> None:
     A micro-batch whose rows do not divide over ``data x fsdp`` is not split at all:
     XLA quietly runs it whole on every device.
     """
+    config.data.check()
+    if config.micro_batches < 1:
+        raise ConfigError(f"micro_batches must be >= 1, got {config.micro_batches}")
     dp = mesh_shape["data"] * mesh_shape["fsdp"]
     mesh = "x".join(f"{k} {v}" for k, v in mesh_shape.items())
-    batch, micro = config.data.batch_size, max(config.micro_batches, 1)
+    batch, micro = config.data.batch_size, config.micro_batches
     if batch % (dp * micro) == 0:
         eval_rows = config.data.eval_batch_size or batch
         per_micro = batch // micro
