@@ -11,7 +11,7 @@
 #              that scripts/fetch_gpu_wheels.sh put in $WHEELS, offline; always runs first
 #   env        GPU, driver and package versions, into the log
 #   steps      SFT, DPO with a frozen bf16 reference, DPO with precomputed reference log-probs
-#              (remat dots_saveable, cuDNN attention: configs/qwen2.5-*_gpu.yaml's settings)
+#              (remat dots_with_no_batch_dims_saveable, cuDNN attention: configs/qwen2.5-*_gpu.yaml's settings)
 #   pytorch    our SFT/DPO steps and transformers + PyTorch's, both with per-layer recomputation
 #              (remat full / gradient checkpointing) so that like is compared with like
 #   logprobs   the SFT step with the chunked LM head vs full [B, T, V] logits
@@ -106,11 +106,11 @@ for stage in "${stages[@]}"; do
   case $stage in
     install) ;;
     env) env_report ;;
-    steps) bench steps 240 --remat dots_saveable --measure "[sft,dpo,dpo_precomputed]" ;;
+    steps) bench steps 240 --remat dots_with_no_batch_dims_saveable --measure "[sft,dpo,dpo_precomputed]" ;;
     pytorch) bench pytorch 300 --remat full --measure "[hf,sft,dpo]" ;;
-    logprobs) bench logprobs 240 --remat dots_saveable --measure "[logprobs]" --logprob_vocabs "$LOGPROB_VOCABS" ;;
+    logprobs) bench logprobs 240 --remat dots_with_no_batch_dims_saveable --measure "[logprobs]" --logprob_vocabs "$LOGPROB_VOCABS" ;;
     fit)
-      bench fit 300 --remat dots_saveable --measure "[fit]" --fit_batch 1 \
+      bench fit 300 --remat dots_with_no_batch_dims_saveable --measure "[fit]" --fit_batch 1 \
         --fit_budget_gib "$FIT_BUDGET_GIB" --fit_granularity "$FIT_GRANULARITY"
       ;;
     *) echo "unknown stage $stage (install env steps pytorch logprobs fit)" >&2 ;;

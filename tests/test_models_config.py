@@ -102,7 +102,7 @@ def test_config_round_trips_through_transformers(variant):
 
 def test_runtime_fields_are_validated_with_the_choices():
     config = config_from_hf(_llama_dict())
-    with pytest.raises(ValueError, match="unsupported remat 'dots'; supported: none, full, dots_saveable"):
+    with pytest.raises(ValueError, match="unsupported remat 'dots'; supported: none, full, dots_with_no_batch_dims_saveable, dots_saveable, save_"):
         dataclasses.replace(config, remat="dots")
     with pytest.raises(ValueError, match="attention_impl"):
         dataclasses.replace(config, attention_impl="flash")

@@ -77,7 +77,8 @@ class BenchConfig:
     reference_dtype: str = "float32"
     """Storage dtype of DPO's frozen reference (the trainer's default is bfloat16)."""
     remat: str = "none"
-    """none | full | dots_saveable; anything but none turns on gradient checkpointing in PyTorch."""
+    """none | full | dots_with_no_batch_dims_saveable | dots_saveable | save_attention_out_mlp_in; anything but
+    none turns on gradient checkpointing in PyTorch."""
     attention_impl: str = "xla"
     """xla | cudnn (GPU)."""
     chunk_size: int = 0

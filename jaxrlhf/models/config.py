@@ -43,7 +43,8 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
-REMAT_POLICIES = ("none", "full", "dots_saveable")
+# Named after what each saves inside a layer (see models.decoder).
+REMAT_POLICIES = ("none", "full", "dots_with_no_batch_dims_saveable", "dots_saveable", "save_attention_out_mlp_in")
 ATTENTION_IMPLS = ("xla", "cudnn")
 ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")

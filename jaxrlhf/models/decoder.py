@@ -18,8 +18,12 @@ Interface for a trainer::
   the parameter layout does not depend on how the layers run:
   ``config.scan_layers`` runs them with ``lax.scan`` (compile time independent
   of depth) or unrolled, and ``config.remat`` wraps each layer in
-  ``jax.checkpoint``: "none", "full" (save only the layer input) or
-  "dots_saveable" (keep the weight matmul outputs, recompute the rest).
+  ``jax.checkpoint``: "none"; "full" (save only the layer input);
+  "dots_with_no_batch_dims_saveable" (JAX's policy of that name: keep the
+  projections' outputs, not the batched ``[B, H, T, T]`` attention scores);
+  "dots_saveable" (JAX's: keep every matmul output, the scores included); or
+  "save_attention_out_mlp_in" (keep only the attention block's output and the
+  MLP's input, named with ``checkpoint_name``).
 - Every parameter carries ``logical_axes`` metadata; ``jaxrlhf.parallel.rules``
   turns it into a ``PartitionSpec`` for a mesh. ``init_model(..., mesh=)`` creates
   the parameters directly in their shards, with the spec recorded as
@@ -39,6 +43,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -61,9 +66,12 @@ _ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
 }
+_SAVED_NAMES = ("attention_out", "mlp_in")
 _REMAT_POLICIES = {
     "full": None,  # jax.checkpoint's default: save nothing inside the layer
-    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "save_attention_out_mlp_in": jax.checkpoint_policies.save_only_these_names(*_SAVED_NAMES),
 }
 _ACTIVATION_AXES = ("batch", "seq", "act_embed")
 _NO_WINDOW = np.iinfo(np.int32).max
@@ -286,8 +294,8 @@ class Block(nnx.Module):
     def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
         """``(output, kv_cache)``; the arguments as ``Attention``'s."""
         attended, kv_cache = self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, cache_index)
-        x = x + attended
-        return x + self.mlp(self.mlp_norm(x)), kv_cache
+        x = x + checkpoint_name(attended, "attention_out")
+        return x + self.mlp(checkpoint_name(self.mlp_norm(x), "mlp_in")), kv_cache
 
 
 class Decoder(nnx.Module):

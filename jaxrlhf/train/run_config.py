@@ -34,7 +34,8 @@ class ModelArgs:
     param_dtype: str = "float32"
     """Storage dtype of the trained parameters (the master weights)."""
     remat: str = "none"
-    """Per-layer rematerialisation: none | full | dots_saveable."""
+    """Per-layer rematerialisation: none | full | dots_with_no_batch_dims_saveable | dots_saveable |
+    save_attention_out_mlp_in (named after what each keeps; models.decoder says more)."""
     scan_layers: bool = True
     attention_impl: str = "xla"
     """xla | cudnn (GPU flash attention)."""

@@ -4,7 +4,8 @@ The plan is XLA's for the devices it was compiled on: on fake CPU devices that i
 XLA:CPU's, not the TPU's or GPU's (other fusions, other layouts), so a plan must
 leave ``dry_run_headroom`` (10% by default) of the device free to count as fitting.
 When it does not fit, a few candidate settings are compiled, cheapest first (more
-micro-batches, then full rematerialisation), and the first that fits is the way out.
+micro-batches, then each remat policy in ``REMAT_ORDER``, then full remat with more
+micro-batches), and the first that fits is the way out.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ ACCELERATORS: dict[str, float] = {
     "tpu-v4": 32, "tpu-v5e": 16, "tpu-v5p": 95, "tpu-v6e": 32, "laptop-cpu": 16,
 }  # fmt: skip
 _PARTS = ("parameters", "optimizer", "reference", "batch", "temporaries")
-_MAX_CANDIDATES = 7
+_MAX_CANDIDATES = 10
 
 
 class PlanDoesNotFit(RuntimeError):
@@ -96,8 +97,13 @@ def judge(report: dict, budget: Budget, headroom: float) -> Verdict:
     return Verdict(needed <= usable, needed, usable, budget, headroom, tuple(contributors))
 
 
+# Remat policies from least to most recomputation (models.decoder), then full remat.
+REMAT_ORDER = ("dots_with_no_batch_dims_saveable", "dots_saveable", "save_attention_out_mlp_in", "full")
+
+
 def _candidates(config, data_parallel: int):
-    """Settings to try, cheapest first: 2, 4, 8 times the micro-batches, then full remat with 1, 2, 4, 8 times."""
+    """Settings to try, cheapest first: 2, 4, 8 times the micro-batches; each remat policy (REMAT_ORDER);
+    full remat with 2, 4, 8 times the micro-batches."""
     batch = config.data.batch_size
 
     def valid(micro: int) -> bool:
@@ -105,8 +111,9 @@ def _candidates(config, data_parallel: int):
 
     micros = [config.micro_batches * 2**k for k in range(4)]
     tries = [(m, config.model.remat) for m in micros[1:]]
+    tries += [(config.micro_batches, remat) for remat in REMAT_ORDER if remat != config.model.remat]
     if config.model.remat != "full":
-        tries += [(m, "full") for m in micros]
+        tries += [(m, "full") for m in micros[1:]]
     return [(m, remat) for m, remat in tries if valid(m)]
 
 
