@@ -28,8 +28,9 @@ def run_precompute_ref(config: DpoConfig) -> pathlib.Path:
     mesh = make_mesh(config.mesh)
     model_path = config.reference_model_path()
     reference, ref_config = load_model(
-        config.model, model_path, mesh, param_dtype=config.dpo.reference_dtype, tokenizer=config.data.tokenizer
-    )
+        config.model, model_path, mesh, param_dtype=config.dpo.reference_dtype, tokenizer=config.data.tokenizer,
+        sequence_parallel=config.mesh.sequence_parallel,
+    )  # fmt: skip
     check_vocabularies(config, ref_config)
     graphdef, ref_params = nnx.split(reference)
     chunk_size = lm_head_chunk_size(config, "dpo", mesh, ref_config.vocab_size)

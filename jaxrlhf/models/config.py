@@ -97,6 +97,7 @@ class ModelConfig:
     remat: str = "none"  # per-layer rematerialisation: one of REMAT_POLICIES
     scan_layers: bool = True  # run the layers with lax.scan (compile time independent of depth)
     attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" | "cudnn" (GPU)
+    sequence_parallel: bool = False  # residual stream split along the sequence over the tensor axis between blocks
 
     def __post_init__(self):
         _check_choice("model_type", self.model_type, tuple(ARCHITECTURES))

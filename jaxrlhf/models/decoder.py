@@ -74,6 +74,9 @@ _REMAT_POLICIES = {
     "save_attention_out_mlp_in": jax.checkpoint_policies.save_only_these_names(*_SAVED_NAMES),
 }
 _ACTIVATION_AXES = ("batch", "seq", "act_embed")
+# Megatron-style sequence parallelism: between attention and MLP blocks the residual stream (and what remat
+# keeps of it) is split along the sequence over the tensor ranks instead of held whole on each.
+_SEQUENCE_PARALLEL_RULES = tuple(("seq", "tensor") if name == "seq" else (name, axes) for name, axes in DEFAULT_RULES)
 _NO_WINDOW = np.iinfo(np.int32).max
 
 
@@ -366,7 +369,11 @@ class Decoder(nnx.Module):
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)  # cast rows, not the whole table
-        return constrain(x, _ACTIVATION_AXES)
+        return self._between_layers(x)
+
+    def _between_layers(self, x: jax.Array) -> jax.Array:
+        rules = _SEQUENCE_PARALLEL_RULES if self.config.sequence_parallel else DEFAULT_RULES
+        return constrain(x, _ACTIVATION_AXES, rules)
 
     def _layers(self, x, rope, mask, query_index, key_index, kv_cache=None, cache_index=None):
         """All layers, scanned or unrolled, with remat: ``(x, kv_cache)``, each cache ``[layers, ...]``.
@@ -381,7 +388,7 @@ class Decoder(nnx.Module):
         def layer(x, layer_state, window, layer_cache):
             layer_mask = mask if window is None else _window_mask(mask, window, query_index, key_index)
             y, layer_cache = nnx.merge(graphdef, layer_state)(x, cos, sin, layer_mask, layer_cache, cache_index)
-            return constrain(y, _ACTIVATION_AXES), layer_cache
+            return self._between_layers(y), layer_cache
 
         if config.remat != "none":
             # Inside lax.scan, CSE across iterations cannot undo the remat, so skip its barrier.

@@ -209,6 +209,7 @@ def load_hf(
     remat: str = "none",
     scan_layers: bool = True,
     attention_impl: str = "xla",
+    sequence_parallel: bool = False,
 ) -> tuple[Decoder, ModelConfig]:
     """Load a local HF folder (config.json + safetensors) as ``(Decoder, ModelConfig)``.
 
@@ -228,6 +229,7 @@ def load_hf(
         remat=remat,
         scan_layers=scan_layers,
         attention_impl=attention_impl,
+        sequence_parallel=sequence_parallel,
     )
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
     entries = _entries(config, abstract)

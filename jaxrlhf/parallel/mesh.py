@@ -35,6 +35,9 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    sequence_parallel: bool = False
+    """With tensor > 1: split the residual stream between layers along the sequence over the tensor ranks
+    (Megatron-style sequence parallelism), so activations and remat checkpoints are not replicated on them."""
 
 
 def resolve_mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:

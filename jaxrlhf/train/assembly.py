@@ -55,10 +55,14 @@ from jaxrlhf.train.step_assembly import abstract_train_state, build_train_step, 
 from jaxrlhf.train.steps import TrainState
 
 
-def load_model(args: ModelArgs, path: str, mesh, *, param_dtype: str, tokenizer: str = ""):
+def load_model(
+    args: ModelArgs, path: str, mesh, *, param_dtype: str, tokenizer: str = "", sequence_parallel: bool = False
+):
     """``(model, model_config)``: the preset with random weights, or the folder's weights, on ``mesh``."""
     if args.preset:
-        config = model_config_of(args, path, param_dtype=param_dtype, tokenizer=tokenizer)
+        config = model_config_of(
+            args, path, param_dtype=param_dtype, tokenizer=tokenizer, sequence_parallel=sequence_parallel
+        )
         return init_model(config, mesh=mesh), config
     model_config_of(args, path, param_dtype=param_dtype)  # a missing or empty folder is named before any loading
     return load_hf(
@@ -69,6 +73,7 @@ def load_model(args: ModelArgs, path: str, mesh, *, param_dtype: str, tokenizer:
         remat=args.remat,
         scan_layers=args.scan_layers,
         attention_impl=args.attention_impl,
+        sequence_parallel=sequence_parallel,
     )
 
 
@@ -183,6 +188,7 @@ def _reference(config: DpoConfig, mesh):
             mesh,
             param_dtype=config.dpo.reference_dtype,
             tokenizer=config.data.tokenizer,
+            sequence_parallel=config.mesh.sequence_parallel,
         )
         return nnx.split(reference)[1], None
     if config.dpo.reference == "precomputed":
@@ -200,8 +206,9 @@ def _restore(checkpointer: Checkpointer, step: int, config: TrainConfig, tx, mes
     """``(graphdef, model_config, state, data_state)`` of checkpoint ``step``, restored onto an abstract
     state: neither the base weights nor a fresh optimizer state are ever materialised."""
     model_config = model_config_of(
-        config.model, config.model.path, param_dtype=config.model.param_dtype, tokenizer=config.data.tokenizer
-    )
+        config.model, config.model.path, param_dtype=config.model.param_dtype, tokenizer=config.data.tokenizer,
+        sequence_parallel=config.mesh.sequence_parallel,
+    )  # fmt: skip
     graphdef, abstract = abstract_train_state(model_config, tx, mesh)
     try:
         state, data_state = checkpointer.restore(step, abstract)
@@ -246,13 +253,13 @@ def assemble(config: TrainConfig, task: str) -> Run:
             f"{run_dir} holds a checkpoint (step {latest}) of a run with other settings: " + "; ".join(changes)
             + ". Resume with the original settings, use a new run_dir, or pass --checkpoint.allow_config_change true"
         )
-    check_vocabularies(config, model_config_of(
-        config.model, config.model.path, param_dtype=config.model.param_dtype, tokenizer=config.data.tokenizer
-    ))  # fmt: skip
+    check_vocabularies(config, model_config_of(config.model, config.model.path, param_dtype=config.model.param_dtype,
+                                               tokenizer=config.data.tokenizer))  # fmt: skip
     if latest is None:
         model, model_config = load_model(
-            config.model, config.model.path, mesh, param_dtype=config.model.param_dtype, tokenizer=config.data.tokenizer
-        )
+            config.model, config.model.path, mesh, param_dtype=config.model.param_dtype,
+            tokenizer=config.data.tokenizer, sequence_parallel=config.mesh.sequence_parallel,
+        )  # fmt: skip
         graphdef, params = nnx.split(model)
     total_steps = saved["total_steps"] if saved is not None and not changes else estimated_steps(config, task)
     config.optim.check(total_steps)

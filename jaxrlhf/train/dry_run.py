@@ -93,8 +93,9 @@ def plan(config: TrainConfig, task: str) -> dict:
     mesh = make_mesh(config.mesh)
     check_batch_layout(config, dict(mesh.shape))
     model_config = model_config_of(
-        config.model, config.model.path, param_dtype=config.model.param_dtype, tokenizer=config.data.tokenizer
-    )
+        config.model, config.model.path, param_dtype=config.model.param_dtype, tokenizer=config.data.tokenizer,
+        sequence_parallel=config.mesh.sequence_parallel,
+    )  # fmt: skip
     tx, schedule = make_optimizer(config.optim, config.max_steps or 1000)
     graphdef, state = abstract_train_state(model_config, tx, mesh)
     batch = _abstract_batch(config, task, config.data.batch_size, mesh, eval_=False)
@@ -105,6 +106,7 @@ def plan(config: TrainConfig, task: str) -> dict:
         ref_config = model_config_of(
             config.model, config.reference_model_path(),
             param_dtype=config.dpo.reference_dtype, tokenizer=config.data.tokenizer,
+            sequence_parallel=config.mesh.sequence_parallel,
         )  # fmt: skip
         _, ref_params = abstract_params(ref_config, mesh)
         reference_bytes = _per_device_bytes(ref_params)

@@ -205,7 +205,9 @@ def changed_settings(saved: dict, now: dict) -> list[str]:
     return [f"{k}: {saved.get(k, missing)!r} -> {now.get(k, missing)!r}" for k in keys if saved.get(k) != now.get(k)]
 
 
-def model_config_of(args: ModelArgs, path: str, *, param_dtype: str, tokenizer: str = "") -> ModelConfig:
+def model_config_of(
+    args: ModelArgs, path: str, *, param_dtype: str, tokenizer: str = "", sequence_parallel: bool = False
+) -> ModelConfig:
     """The architecture (from the folder's config.json, or the preset) with the run's dtypes and switches."""
     runtime = dict(
         dtype=args.dtype,
@@ -213,6 +215,7 @@ def model_config_of(args: ModelArgs, path: str, *, param_dtype: str, tokenizer: 
         remat=args.remat,
         scan_layers=args.scan_layers,
         attention_impl=args.attention_impl,
+        sequence_parallel=sequence_parallel,
     )
     if args.preset:
         vocab = len(load_tokenizer(tokenizer)) if args.preset == "tiny" else None
