@@ -49,6 +49,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxrlhf.models.config import ModelConfig, RopeConfig
+from jaxrlhf.models.linear import project
 from jaxrlhf.parallel.rules import (
     DEFAULT_RULES,
     Rules,
@@ -218,9 +219,8 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(hd, config, stack=stack, rngs=rngs) if config.qk_norm else None
 
     def _project(self, x, kernel, bias):
-        dtype = x.dtype
-        y = jnp.einsum("btd,dhk->bthk", x, kernel[...].astype(dtype))
-        return y if bias is None else y + bias[...].astype(dtype)
+        y = project("btd,dhk->bthk", x, kernel[...])
+        return y if bias is None else y + bias[...].astype(x.dtype)
 
     def __call__(
         self,
@@ -257,7 +257,7 @@ class Attention(nnx.Module):
             # Queries sit at slots after cache_index, so causality is in the mask, not is_causal; XLA's kernel
             # takes any [B, 1, T, S] mask, down to the one-query steps of decoding.
             out = jax.nn.dot_product_attention(q, *kv_cache, mask=mask, implementation="xla")
-        out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(x.dtype))
+        out = project("bthk,hkd->btd", out, self.o_proj[...])
         return (out if self.o_bias is None else out + self.o_bias[...].astype(x.dtype)), kv_cache
 
 
@@ -277,7 +277,7 @@ class MLP(nnx.Module):
         self.down_bias = _bias(rngs, (*stack, d), (*layers, "embed"), config) if bias else None
 
     def _linear(self, x, kernel, bias):
-        y = x @ kernel[...].astype(x.dtype)
+        y = project("btd,df->btf", x, kernel[...])
         return y if bias is None else y + bias[...].astype(x.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -1,0 +1,49 @@
+"""The decoder's linear layers: forward in the compute dtype, weight gradients reduced in float32.
+
+``project(spec, x, weight)`` is ``einsum(spec, x, weight.astype(x.dtype))``: the
+float32 master weight is cast before anything else touches it, so FSDP gathers
+it in the compute dtype (bf16: half the bytes). Its custom VJP computes the
+weight's gradient with float32 accumulation *and output*. Under data parallelism
+that gradient is a sum over the batch shards; produced in f32, its all-reduce or
+reduce-scatter runs in f32, the dtype the optimizer consumes. Left to JAX's
+transpose of the bf16 matmul, each shard's partial sum would be rounded to bf16
+(8 bits of mantissa) before it is reduced over every device, and only then cast up.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["project"]
+
+
+def _specs(spec: str) -> tuple[str, str, str]:
+    inputs, out = spec.split("->")
+    x, weight = inputs.split(",")
+    return x, weight, out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def project(spec: str, x: jax.Array, weight: jax.Array) -> jax.Array:
+    """``einsum(spec, x, weight)`` in ``x``'s dtype (``spec`` like ``"btd,dhk->bthk"``, x first)."""
+    return jnp.einsum(spec, x, weight.astype(x.dtype))
+
+
+def _project_fwd(spec, x, weight):
+    return project(spec, x, weight), (x, weight)
+
+
+def _project_bwd(spec, residuals, out_grad):
+    x, weight = residuals
+    x_spec, weight_spec, out_spec = _specs(spec)
+    x_grad = jnp.einsum(f"{out_spec},{weight_spec}->{x_spec}", out_grad, weight.astype(x.dtype))
+    weight_grad = jnp.einsum(
+        f"{x_spec},{out_spec}->{weight_spec}", x, out_grad.astype(x.dtype), preferred_element_type=jnp.float32
+    )
+    return x_grad.astype(x.dtype), weight_grad.astype(weight.dtype)
+
+
+project.defvjp(_project_fwd, _project_bwd)
