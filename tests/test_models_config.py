@@ -10,7 +10,7 @@ import transformers
 from model_fixtures import HF_VARIANTS, hf_config
 
 from jaxrlhf.models import ModelConfig, RopeConfig, config_from_hf, config_to_hf
-from jaxrlhf.models.decoder import rope_inverse_frequencies
+from jaxrlhf.models.rope import rope_inverse_frequencies
 
 
 def _llama_dict(**extra):

@@ -38,7 +38,6 @@ Interface for a trainer::
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -48,8 +47,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxrlhf.models.config import ModelConfig, RopeConfig
+from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.linear import project
+from jaxrlhf.models.rope import apply_rope, rope_tables
 from jaxrlhf.parallel.rules import (
     DEFAULT_RULES,
     Rules,
@@ -59,7 +59,7 @@ from jaxrlhf.parallel.rules import (
     partition_specs,
 )
 
-__all__ = ["Decoder", "Block", "KVCache", "init_model", "segment_positions", "rope_inverse_frequencies"]
+__all__ = ["Decoder", "Block", "KVCache", "init_model", "segment_positions"]
 
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -115,40 +115,6 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
-
-
-def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
-    """float32 ``[head_dim // 2]`` inverse frequencies, with "linear" or "llama3" scaling applied."""
-    inv_freq = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    if rope.rope_type == "linear":
-        inv_freq = inv_freq / rope.factor
-    elif rope.rope_type == "llama3":
-        # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between.
-        context = rope.original_max_position_embeddings
-        low_freq_wavelen = context / rope.low_freq_factor
-        high_freq_wavelen = context / rope.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
-        smooth = (context / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
-        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
-        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-        inv_freq = np.where(is_medium, smoothed, scaled)
-    return inv_freq.astype(np.float32)
-
-
-def _rope_tables(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """cos and sin ``[B, T, head_dim]`` for the rotate-half convention of HF Llama checkpoints."""
-    inv_freq = jnp.asarray(rope_inverse_frequencies(config.rope, config.head_dim))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    dtype = jnp.dtype(config.dtype)
-    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
-
-
-def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    first, second = jnp.split(x, 2, axis=-1)
-    rotated = jnp.concatenate([-second, first], axis=-1)
-    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -244,7 +210,7 @@ class Attention(nnx.Module):
         v = self._project(x, self.v_proj, self.v_bias)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is None:
             # The mask (if any) is causal already; is_causal also lets cuDNN skip the upper triangle.
             impl = self.config.attention_impl
@@ -330,7 +296,7 @@ class Decoder(nnx.Module):
         # Unpacked rows need no mask beyond is_causal, which lets cuDNN run without a dense bias.
         mask = None if segment_ids is None else _segment_mask(segment_ids)
         index = jnp.arange(tokens.shape[1])
-        x, _ = self._layers(self._embed(tokens), _rope_tables(positions, self.config), mask, index, index)
+        x, _ = self._layers(self._embed(tokens), rope_tables(positions, self.config), mask, index, index)
         return constrain(self.final_norm(x), _ACTIVATION_AXES)
 
     def extend(
@@ -357,7 +323,7 @@ class Decoder(nnx.Module):
         visible = (segment_ids[:, :, None] == slot_segments[:, None, :]) & (key_index <= query_index[:, None])
         x, (keys, values) = self._layers(
             self._embed(tokens),
-            _rope_tables(positions, self.config),
+            rope_tables(positions, self.config),
             visible[:, None],
             query_index,
             key_index,
