@@ -63,7 +63,7 @@ def test_changed_meaning_is_refused_by_key_and_runtime_changes_are_not(interrupt
     assert config_yaml.read_text() == before  # the refused launch left the run's config alone
     # micro_batches and the mesh may change (README promises both).
     summary = run_sft(
-        dataclasses.replace(interrupted, micro_batches=2, mesh=MeshConfig(data=2, fsdp=4, tensor=1), stop_after_steps=1)
+        dataclasses.replace(interrupted, micro_batches=2, mesh=MeshConfig(data=2, fsdp=2, tensor=2), stop_after_steps=1)
     )
     assert summary["step"] == 4
     allowed = dataclasses.replace(changed, checkpoint=dataclasses.replace(changed.checkpoint, allow_config_change=True))
