@@ -11,7 +11,6 @@ __all__ = ["DpoConfig", "run_dpo"]
 
 
 def run_dpo(config: DpoConfig) -> dict:
-    config.dpo.spec(config.micro_batches)  # a bad loss setting fails before anything is built
     if config.dry_run:
         return dry_run(config, "dpo")
     return train(assemble(config, "dpo"))

@@ -25,7 +25,7 @@ from jaxrlhf.models.config import ModelConfig, RopeConfig, config_from_hf, confi
 from jaxrlhf.models.decoder import Decoder, KVCache, init_model, segment_positions
 from jaxrlhf.models.hf_io import HF_NAME_MAPS, end_of_turn_token_id, load_hf, save_hf
 from jaxrlhf.ops.logprobs import chunked_token_logprobs
-from jaxrlhf.parallel.rules import DEFAULT_RULES
+from jaxrlhf.parallel.rules import mesh_axes_for
 
 __all__ = [
     "HF_NAME_MAPS",
@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 # The mesh axes the batch is sharded over, from the rules table (the LM-head gradient is reduced over them once).
-_BATCH_AXES = tuple(dict(DEFAULT_RULES)["batch"])
+_BATCH_AXES = mesh_axes_for("batch")
 _CHUNK_LOGITS = 2**26  # logits per LM-head chunk: 256 MiB in f32, whatever the batch or vocabulary
 
 

@@ -43,6 +43,8 @@ __all__ = [
     "named_shardings",
     "shard_module",
     "annotate_out_sharding",
+    "mesh_axes_for",
+    "spec_axes",
     "wants_fsdp",
 ]
 
@@ -132,6 +134,16 @@ def _entry_axes(entry) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def mesh_axes_for(name: str, rules: Rules = DEFAULT_RULES) -> tuple[str, ...]:
+    """The mesh axes the rules map the logical axis ``name`` to (e.g. ``batch`` -> ``("data", "fsdp")``)."""
+    return _mesh_axes_for(name, rules)
+
+
+def spec_axes(spec: PartitionSpec) -> set[str]:
+    """Every mesh axis a ``PartitionSpec`` shards over."""
+    return {axis for entry in spec for axis in _entry_axes(entry)}
+
+
 def wants_fsdp(logical_axes, rules: Rules = DEFAULT_RULES) -> bool:
     """Whether the rules mean to shard a parameter with these logical axes over ``fsdp``."""
     return any("fsdp" in _mesh_axes_for(name, rules) for name in logical_axes)
@@ -146,7 +158,7 @@ def _fsdp_fallback(spec: PartitionSpec, logical_axes, shape, mesh_shape: Mapping
     """
     fsdp = mesh_shape.get("fsdp", 1)
     entries = list(spec) + [None] * (len(shape) - len(spec))
-    used = {axis for entry in entries for axis in _entry_axes(entry)}
+    used = spec_axes(PartitionSpec(*entries))
     if fsdp == 1 or "fsdp" in used or not wants_fsdp(logical_axes, rules):
         return spec
     order = sorted((i for i, name in enumerate(logical_axes) if name != "layers"), key=lambda i: -shape[i])

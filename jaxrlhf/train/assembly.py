@@ -202,13 +202,9 @@ def _reference(config: DpoConfig, mesh):
     return None, None
 
 
-def _restore(checkpointer: Checkpointer, step: int, config: TrainConfig, tx, mesh):
-    """``(graphdef, model_config, state, data_state)`` of checkpoint ``step``, restored onto an abstract
-    state: neither the base weights nor a fresh optimizer state are ever materialised."""
-    model_config = model_config_of(
-        config.model, config.model.path, param_dtype=config.model.param_dtype, tokenizer=config.data.tokenizer,
-        sequence_parallel=config.mesh.sequence_parallel,
-    )  # fmt: skip
+def _restore(checkpointer: Checkpointer, step: int, config: TrainConfig, model_config: ModelConfig, tx, mesh):
+    """``(graphdef, state, data_state)`` of checkpoint ``step``, restored onto an abstract state: neither
+    the base weights nor a fresh optimizer state are ever materialised."""
     graphdef, abstract = abstract_train_state(model_config, tx, mesh)
     try:
         state, data_state = checkpointer.restore(step, abstract)
@@ -218,7 +214,7 @@ def _restore(checkpointer: Checkpointer, step: int, config: TrainConfig, tx, mes
             f"checkpoint step {step} of {config.run_dir} does not fit this run's train state ({first}): the model "
             "or optimizer settings changed in a way the saved state cannot follow; use a new run_dir"
         ) from None
-    return graphdef, model_config, state, data_state
+    return graphdef, state, data_state
 
 
 def assemble(config: TrainConfig, task: str) -> Run:
@@ -253,8 +249,11 @@ def assemble(config: TrainConfig, task: str) -> Run:
             f"{run_dir} holds a checkpoint (step {latest}) of a run with other settings: " + "; ".join(changes)
             + ". Resume with the original settings, use a new run_dir, or pass --checkpoint.allow_config_change true"
         )
-    check_vocabularies(config, model_config_of(config.model, config.model.path, param_dtype=config.model.param_dtype,
-                                               tokenizer=config.data.tokenizer))  # fmt: skip
+    model_config = model_config_of(
+        config.model, config.model.path, param_dtype=config.model.param_dtype, tokenizer=config.data.tokenizer,
+        sequence_parallel=config.mesh.sequence_parallel,
+    )  # fmt: skip
+    check_vocabularies(config, model_config)
     if latest is None:
         model, model_config = load_model(
             config.model, config.model.path, mesh, param_dtype=config.model.param_dtype,
@@ -268,7 +267,7 @@ def assemble(config: TrainConfig, task: str) -> Run:
     if latest is None:
         state = new_train_state(params, tx, mesh, seed=config.seed)
     else:
-        graphdef, model_config, state, data_state = _restore(checkpointer, latest, config, tx, mesh)
+        graphdef, state, data_state = _restore(checkpointer, latest, config, model_config, tx, mesh)
         start_step = int(state.step)
     checkpointer.meta = {"total_steps": total_steps, "config": meaning}
     if jax.process_index() == 0:

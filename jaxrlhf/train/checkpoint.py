@@ -54,9 +54,9 @@ def _os_error(error: BaseException) -> OSError | None:
 
 
 class Checkpointer:
-    def __init__(self, directory: pathlib.Path, config: CheckpointConfig, *, meta: dict | None = None):
+    def __init__(self, directory: pathlib.Path, config: CheckpointConfig):
         self.config = config
-        self.meta = meta
+        self.meta: dict | None = None  # written into every checkpoint once the run sets it
         self._failed = False
         options = ocp.CheckpointManagerOptions(
             max_to_keep=config.keep,

@@ -26,7 +26,7 @@ from rich.table import Table
 
 from jaxrlhf.models import make_logprob_fn
 from jaxrlhf.parallel.mesh import make_mesh
-from jaxrlhf.parallel.rules import LOGICAL_AXES, wants_fsdp
+from jaxrlhf.parallel.rules import LOGICAL_AXES, spec_axes, wants_fsdp
 from jaxrlhf.train import steps
 from jaxrlhf.train.assembly import lm_head_chunk_size
 from jaxrlhf.train.optim import make_optimizer
@@ -68,8 +68,7 @@ def _replicated_bytes(params, mesh) -> int:
     total = 0
     for variable in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
         leaf = variable.get_value()
-        axes = {a for entry in leaf.sharding.spec for a in ((entry,) if isinstance(entry, str) else entry or ())}
-        if "fsdp" not in axes and wants_fsdp(variable.get_metadata().get(LOGICAL_AXES, ())):
+        if "fsdp" not in spec_axes(leaf.sharding.spec) and wants_fsdp(variable.get_metadata().get(LOGICAL_AXES, ())):
             total += math.prod(leaf.sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
     return total
 
