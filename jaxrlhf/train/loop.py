@@ -72,8 +72,8 @@ class AgreedBatches:
         self._preempted = preempted
         self._window = max(window, 1) if jax.process_count() > 1 else 1
         self._ready: collections.deque = collections.deque()
-        self._last_window = False
         self.reason = "done"
+        """Why the batches ended: "preempted" or "data_exhausted" (no window is pulled after either)."""
 
     def _agree(self, in_hand: int, preempted: bool, failed: bool) -> tuple[int, bool, bool]:
         flags = np.asarray([in_hand, preempted, failed], np.int32)
@@ -101,17 +101,15 @@ class AgreedBatches:
             raise ProcessesFailed("another process stopped with an error (its output says why); stopping too")
         if any_preempted:
             self.reason = "preempted"
-            self._last_window = True
             return
         self._ready.extend(pulled[:count])
         if count < wanted:
             self.reason = "data_exhausted"
-            self._last_window = True
 
     def next(self, remaining: int):
         """The next agreed ``(batch, data_state)``, or None when the run must stop (see ``reason``);
         ``remaining`` steps of the run are left, so no window reaches past its end."""
-        if not self._ready and not self._last_window:
+        if not self._ready and self.reason == "done":
             self._refill(min(self._window, remaining))
         return self._ready.popleft() if self._ready else None
 
