@@ -17,6 +17,7 @@ from model_fixtures import packed_batch, tiny_config
 from jaxrlhf.models import default_chunk_size, init_model, make_logprob_fn, segment_positions, token_logprobs
 from jaxrlhf.ops import losses
 
+_REMAT_NAMES = ("full", "dots_with_no_batch_dims_saveable", "dots_saveable", "save_attention_out_mlp_in")
 _SLIDING = tiny_config(model_type="mistral", sliding_window=3, layer_types=("sliding_attention",) * 2)
 
 
@@ -92,26 +93,45 @@ def test_saving_every_dot_changes_only_float_rounding():
     chex.assert_trees_all_close(saved, reference, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "remat, policy",
-    [
-        ("none", None),
-        ("full", None),
-        ("dots_with_no_batch_dims_saveable", "policy=DotsSaveable(only_if_no_batch_dims=True)"),
-        ("dots_saveable", "policy=DotsSaveable(only_if_no_batch_dims=False)"),
-        ("save_attention_out_mlp_in", "policy=SaveOnlyTheseNames(saveable_names=frozenset({"),
-    ],
-)
-def test_remat_policy_reaches_the_jaxpr(remat, policy):
+@pytest.mark.parametrize("remat", ["none", "full", "dots_saveable"])
+def test_remat_reaches_the_jaxpr(remat):
     graphdef, params = nnx.split(nnx.eval_shape(lambda: init_model(tiny_config(remat=remat))))
     tokens = jnp.zeros((1, 8), jnp.int32)
     jaxpr = str(jax.make_jaxpr(lambda p: make_logprob_fn(graphdef)(p, tokens, None, None))(params))
     assert ("remat2[" in jaxpr) == (remat != "none")  # jax.checkpoint's primitive
-    if policy is not None:
-        lines = [line for line in jaxpr.splitlines() if "policy=" in line]
-        assert lines and all(policy in line for line in lines), lines[:2]
-        if remat == "save_attention_out_mlp_in":
-            assert all("'attention_out'" in line and "'mlp_in'" in line for line in lines)
+
+
+def _saved_bytes_per_layer(remat: str, batch: int, seq: int) -> float:
+    """Compiled temporaries of a scanned gradient step, per layer (6 layers minus 2, over 4)."""
+
+    def temp_bytes(num_layers):
+        config = tiny_config(remat=remat, num_layers=num_layers)
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: init_model(config)))
+        tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+
+        def loss(p, t):
+            return make_logprob_fn(graphdef)(p, t, None, None).sum()
+
+        return jax.jit(jax.grad(loss)).lower(params, tokens).compile().memory_analysis().temp_size_in_bytes
+
+    return (temp_bytes(6) - temp_bytes(2)) / 4
+
+
+def test_remat_policies_save_what_they_are_named_after():
+    """Each policy keeps, per layer, the float32 bytes of what it names and not much more. The projections run
+    behind a custom VJP (f32 weight gradients), which JAX's dot policies cannot see into: a policy "saving
+    dots" used to save none of them and cost what "full" costs."""
+    b, t = 4, 128
+    c = tiny_config()
+    layer_input = 4 * b * t * c.hidden_size
+    projections = 4 * b * t * ((c.num_heads + 2 * c.num_kv_heads) * c.head_dim + c.hidden_size + 2 * c.intermediate_size)
+    scores = 4 * b * c.num_heads * t * t
+    saved = {remat: _saved_bytes_per_layer(remat, b, t) for remat in _REMAT_NAMES}
+    assert saved["full"] < 1.5 * layer_input
+    assert 0.9 * projections <= saved["dots_with_no_batch_dims_saveable"] - saved["full"] < projections + scores / 2
+    assert saved["dots_saveable"] - saved["dots_with_no_batch_dims_saveable"] >= 0.9 * scores
+    # two [B, T, D] tensors more than "full" (XLA shares part of one buffer with the layer input's)
+    assert 1.5 * layer_input <= saved["save_attention_out_mlp_in"] - saved["full"] < projections
 
 
 def _lowered_size(num_layers: int, scan_layers: bool) -> int:

@@ -21,7 +21,9 @@ Interface for a trainer::
   ``jax.checkpoint``: "none"; "full" (save only the layer input);
   "dots_with_no_batch_dims_saveable" (JAX's policy of that name: keep the
   projections' outputs, not the batched ``[B, H, T, T]`` attention scores);
-  "dots_saveable" (JAX's: keep every matmul output, the scores included); or
+  "dots_saveable" (JAX's: keep every matmul output, the scores included) —
+  both also keep the outputs named ``PROJECTION``, which JAX cannot see as
+  matmuls behind ``project``'s custom VJP; or
   "save_attention_out_mlp_in" (keep only the attention block's output and the
   MLP's input, named with ``checkpoint_name``).
 - Every parameter carries ``logical_axes`` metadata; ``jaxrlhf.parallel.rules``
@@ -48,7 +50,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxrlhf.models.config import ModelConfig
-from jaxrlhf.models.linear import project
+from jaxrlhf.models.linear import PROJECTION, project
 from jaxrlhf.models.rope import apply_rope, rope_tables
 from jaxrlhf.parallel.rules import (
     DEFAULT_RULES,
@@ -68,10 +70,14 @@ _ACTIVATIONS = {
     "relu": jax.nn.relu,
 }
 _SAVED_NAMES = ("attention_out", "mlp_in")
+_policies = jax.checkpoint_policies
+_save_projections = _policies.save_only_these_names(PROJECTION)  # the linear layers' matmuls, behind a custom VJP
 _REMAT_POLICIES = {
     "full": None,  # jax.checkpoint's default: save nothing inside the layer
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": _policies.save_from_both_policies(
+        _policies.dots_with_no_batch_dims_saveable, _save_projections
+    ),
+    "dots_saveable": _policies.save_from_both_policies(_policies.dots_saveable, _save_projections),
     "save_attention_out_mlp_in": jax.checkpoint_policies.save_only_these_names(*_SAVED_NAMES),
 }
 _ACTIVATION_AXES = ("batch", "seq", "act_embed")

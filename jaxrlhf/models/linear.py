@@ -8,6 +8,11 @@ that gradient is a sum over the batch shards; produced in f32, its all-reduce or
 reduce-scatter runs in f32, the dtype the optimizer consumes. Left to JAX's
 transpose of the bf16 matmul, each shard's partial sum would be rounded to bf16
 (8 bits of mantissa) before it is reduced over every device, and only then cast up.
+
+A custom VJP is opaque to ``jax.checkpoint``'s policies: they would not see a
+``dot_general`` in it, so "save the matmul outputs" would save none of the
+projections. The output is therefore named ``PROJECTION`` (``checkpoint_name``),
+and the decoder's matmul-saving policies save that name as well.
 """
 
 from __future__ import annotations
@@ -16,8 +21,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-__all__ = ["project"]
+__all__ = ["PROJECTION", "project"]
+
+PROJECTION = "projection"
 
 
 def _specs(spec: str) -> tuple[str, str, str]:
@@ -26,14 +34,18 @@ def _specs(spec: str) -> tuple[str, str, str]:
     return x, weight, out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def project(spec: str, x: jax.Array, weight: jax.Array) -> jax.Array:
-    """``einsum(spec, x, weight)`` in ``x``'s dtype (``spec`` like ``"btd,dhk->bthk"``, x first)."""
+    """``einsum(spec, x, weight)`` in ``x``'s dtype (``spec`` like ``"btd,dhk->bthk"``, x first), named ``PROJECTION``."""
+    return checkpoint_name(_project(spec, x, weight), PROJECTION)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _project(spec: str, x: jax.Array, weight: jax.Array) -> jax.Array:
     return jnp.einsum(spec, x, weight.astype(x.dtype))
 
 
 def _project_fwd(spec, x, weight):
-    return project(spec, x, weight), (x, weight)
+    return _project(spec, x, weight), (x, weight)
 
 
 def _project_bwd(spec, residuals, out_grad):
@@ -46,4 +58,4 @@ def _project_bwd(spec, residuals, out_grad):
     return x_grad.astype(x.dtype), weight_grad.astype(weight.dtype)
 
 
-project.defvjp(_project_fwd, _project_bwd)
+_project.defvjp(_project_fwd, _project_bwd)
