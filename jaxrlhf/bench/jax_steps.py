@@ -80,6 +80,13 @@ def build_policy(config: ModelConfig, mesh: Mesh, *, seed: int = 0, optim: Optim
     return Policy(config, mesh, graphdef, new_train_state(params, tx, mesh, seed=seed), tx, schedule)
 
 
+def running_as(policy: Policy, config: ModelConfig) -> Policy:
+    """``policy``'s parameters and optimizer state (the same arrays) run as ``config`` says (scan_layers, remat,
+    attention): how the layers run does not change the parameter layout, so both can take turns on one state."""
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: init_model(config, mesh=policy.mesh)))
+    return dataclasses.replace(policy, config=config, graphdef=graphdef)
+
+
 def build_reference(config: ModelConfig, mesh: Mesh, *, dtype: str, seed: int = 0):
     """Frozen reference parameters stored in ``dtype`` (``dpo.reference_dtype``), sharded like the policy."""
     return nnx.split(init_model(dataclasses.replace(config, param_dtype=dtype), seed=seed, mesh=mesh))[1]

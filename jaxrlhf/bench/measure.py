@@ -54,6 +54,24 @@ def time_calls(call: Callable[[], object], *, warmup: int, repeats: int, sync: C
     return Timing(tuple(samples))
 
 
+def time_alternating(
+    calls: dict[str, Callable[[], object]], *, warmup: int, repeats: int, sync: Callable[[object], object] = jax.block_until_ready
+) -> dict[str, Timing]:
+    """``time_calls`` for several calls in turns (a, b, a, b, ...): whatever else loads the machine slows each alike."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        for call in calls.values():
+            sync(call())
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            sync(call())
+            samples[name].append(time.perf_counter() - start)
+    return {name: Timing(tuple(values)) for name, values in samples.items()}
+
+
 def compiled_memory(compiled: jax.stages.Compiled) -> dict[str, int]:
     """Bytes a compiled step needs: its arguments, outputs and temporaries, donated (aliased) outputs once.
 

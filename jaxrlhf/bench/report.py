@@ -36,6 +36,12 @@ def ratios(bench: Bench) -> dict:
         if succeeded(full) and succeeded(chunked):
             out[f"full_vs_chunked_{vocab}_temp_memory"] = full["memory"]["temp_bytes"] / chunked["memory"]["temp_bytes"]
             out[f"full_vs_chunked_{vocab}_time"] = seconds(full) / seconds(chunked)
+    for task, pair in r.get("scan", {}).items():
+        out[f"scanned_vs_unrolled_{task}_time"] = seconds(pair["scanned"]) / seconds(pair["unrolled"])
+        out[f"scanned_vs_unrolled_{task}_min_time"] = pair["scanned"]["step"]["min_s"] / pair["unrolled"]["step"]["min_s"]
+        out[f"scanned_vs_unrolled_{task}_temp_memory"] = (
+            pair["scanned"]["memory"]["temp_bytes"] / pair["unrolled"]["memory"]["temp_bytes"]
+        )
     if "fit" in r and r["fit"]["full"]["longest"]:
         out["fit_chunked_vs_full_length"] = r["fit"]["chunked"]["longest"] / r["fit"]["full"]["longest"]
     return out
@@ -55,6 +61,9 @@ def print_report(bench: Bench) -> None:
     named = [(f"ours {n}", bench.results[n]) for n in ("sft", "dpo", "dpo_precomputed") if n in bench.results]
     named += [(f"pytorch {n}", row) for n, row in bench.results.get("hf", {}).items()]
     named += [(f"ours sft, vocab {k.replace('/', ', ')}", row) for k, row in bench.results.get("logprobs", {}).items()]
+    named += [
+        (f"ours {task}, layers {how}", row) for task, pair in bench.results.get("scan", {}).items() for how, row in pair.items()
+    ]
     for name, row in named:
         if not succeeded(row):
             table.add_row(name, f"error: {row['error'][:100]}")

@@ -12,6 +12,9 @@ Measurements (``BenchConfig.measure``, any of):
   touches the device.
 - ``fit``: the longest sequence whose SFT step fits ``fit_budget_gib`` (default:
   the device's allocator limit), chunked and full logits (``fit``).
+- ``scan``: the SFT and DPO (frozen reference) steps with the layers scanned
+  and unrolled, taking turns on one train state so that load on the machine
+  slows both alike: time and compiled temporaries of each.
 
 Every step processes ``batch x seq_len`` tokens (DPO: ``batch / 2`` pairs), so
 per-token costs compare directly. FLOPs and MFU follow ``jaxrlhf.bench.flops``;
@@ -43,6 +46,7 @@ from jaxrlhf.bench.jax_steps import (
     compile_dpo,
     compile_sft,
     place,
+    running_as,
     step_caller,
 )
 from jaxrlhf.bench.measure import (
@@ -50,6 +54,7 @@ from jaxrlhf.bench.measure import (
     device_bytes_limit,
     device_peak_bytes,
     matmul_peak_flops,
+    time_alternating,
     time_calls,
 )
 from jaxrlhf.models.config import ModelConfig
@@ -57,7 +62,7 @@ from jaxrlhf.models.presets import preset
 from jaxrlhf.parallel.mesh import MeshConfig, make_mesh
 from jaxrlhf.train.steps import DpoLossSpec
 
-MEASUREMENTS = ("sft", "dpo", "dpo_precomputed", "logprobs", "hf", "fit")
+MEASUREMENTS = ("sft", "dpo", "dpo_precomputed", "logprobs", "hf", "fit", "scan")
 _TINY_VOCAB = 32768
 MIB = 2**20
 
@@ -68,6 +73,8 @@ class BenchConfig:
     """Model shape (random weights): tiny | qwen2.5-0.5b | qwen2.5-1.5b | llama3-8b."""
     vocab_size: int = 0
     """0 = the preset's own vocabulary (tiny has none: 32768)."""
+    num_layers: int = 0
+    """0 = the preset's depth."""
     batch: int = 4
     """Sequences per step; DPO steps take batch / 2 pairs, so every step sees batch x seq_len tokens."""
     seq_len: int = 256
@@ -86,7 +93,7 @@ class BenchConfig:
     warmup: int = 2
     repeats: int = 5
     measure: list[str] = dataclasses.field(default_factory=lambda: ["sft", "dpo", "dpo_precomputed", "logprobs", "hf"])
-    """Any of: sft, dpo, dpo_precomputed, logprobs, hf, fit."""
+    """Any of: sft, dpo, dpo_precomputed, logprobs, hf, fit, scan."""
     logprob_vocabs: list[int] = dataclasses.field(default_factory=lambda: [32768, 128256, 151936])
     fit_batch: int = 1
     fit_budget_gib: float = 0.0
@@ -104,7 +111,7 @@ class BenchConfig:
 
 def model_config(cfg: BenchConfig, vocab_size: int | None = None) -> ModelConfig:
     vocab = vocab_size or cfg.vocab_size or (_TINY_VOCAB if cfg.preset == "tiny" else None)
-    return preset(
+    config = preset(
         cfg.preset,
         vocab_size=vocab,
         dtype=cfg.dtype,
@@ -112,6 +119,7 @@ def model_config(cfg: BenchConfig, vocab_size: int | None = None) -> ModelConfig
         remat=cfg.remat,
         attention_impl=cfg.attention_impl,
     )
+    return dataclasses.replace(config, num_layers=cfg.num_layers) if cfg.num_layers else config
 
 
 class Bench:
@@ -121,7 +129,7 @@ class Bench:
         unknown = sorted(set(cfg.measure) - set(MEASUREMENTS))
         if unknown:
             raise ValueError(f"unknown measurements {unknown}; known: {', '.join(MEASUREMENTS)}")
-        if cfg.batch % 2 and any(m in cfg.measure for m in ("dpo", "dpo_precomputed", "hf")):
+        if cfg.batch % 2 and any(m in cfg.measure for m in ("dpo", "dpo_precomputed", "hf", "scan")):
             raise ValueError(f"batch={cfg.batch} must be even: DPO steps take batch / 2 pairs")
         self.cfg = cfg
         self.config = model_config(cfg)
@@ -272,6 +280,38 @@ class Bench:
             del policy
             gc.collect()
         self.results["logprobs"] = rows
+
+    def run_scan(self):
+        cfg = self.cfg
+        if "scan" not in cfg.measure:
+            return
+        scanned = build_policy(dataclasses.replace(self.config, scan_layers=True), self.mesh, seed=cfg.seed)
+        unrolled = running_as(scanned, dataclasses.replace(self.config, scan_layers=False))
+        vocab, chunk = self.config.vocab_size, self.chunk_size()
+        reference = build_reference(self.config, self.mesh, dtype=cfg.reference_dtype, seed=cfg.seed)
+        sft = place(sft_batch(cfg.batch, cfg.seq_len, vocab, seed=cfg.seed), self.mesh)
+        dpo = place(dpo_batch(cfg.batch // 2, cfg.seq_len, vocab, seed=cfg.seed), self.mesh)
+        rows = {}
+        for task, compile_step, args in (
+            ("sft", lambda p: compile_sft(p, sft, chunk_size=chunk), (sft,)),
+            ("dpo", lambda p: compile_dpo(p, dpo, DpoLossSpec(), reference, chunk_size=chunk), (dpo, reference)),
+        ):
+            compiled = {"scanned": compile_step(scanned), "unrolled": compile_step(unrolled)}
+            # Both programs take turns on the scanned policy's state: the same arrays, donated and replaced.
+            calls = {name: step_caller(step, scanned, *args) for name, step in compiled.items()}
+            timings = time_alternating(calls, warmup=cfg.warmup, repeats=cfg.repeats)
+            rows[task] = {
+                name: self.progress(
+                    f"ours {task}, layers {name}",
+                    {
+                        "step": timings[name].as_dict(),
+                        **self.rates(timings[name].median, self.model_flops(task)),
+                        "memory": compiled_memory(step),
+                    },
+                )
+                for name, step in compiled.items()
+            }
+        self.results["scan"] = rows
 
     def run_fit(self):
         cfg = self.cfg
