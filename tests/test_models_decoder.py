@@ -93,12 +93,15 @@ def test_saving_every_dot_changes_only_float_rounding():
     chex.assert_trees_all_close(saved, reference, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "dots_saveable"])
-def test_remat_reaches_the_jaxpr(remat):
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: init_model(tiny_config(remat=remat))))
+@pytest.mark.parametrize("remat, scan_layers", [("none", False), ("none", True), ("full", False), ("dots_saveable", True)])
+def test_remat_reaches_the_jaxpr(remat, scan_layers):
+    """jax.checkpoint's primitive wraps the layers unless remat is none; scanned, "none" still recomputes
+    XLA attention's weights (``test_models_scan_cost``)."""
+    config = tiny_config(remat=remat, scan_layers=scan_layers)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: init_model(config)))
     tokens = jnp.zeros((1, 8), jnp.int32)
     jaxpr = str(jax.make_jaxpr(lambda p: make_logprob_fn(graphdef)(p, tokens, None, None))(params))
-    assert ("remat2[" in jaxpr) == (remat != "none")  # jax.checkpoint's primitive
+    assert ("remat2[" in jaxpr) == (remat != "none" or scan_layers)
 
 
 def _saved_bytes_per_layer(remat: str, batch: int, seq: int) -> float:

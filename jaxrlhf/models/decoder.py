@@ -40,6 +40,7 @@ Interface for a trainer::
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -220,7 +221,10 @@ class Attention(nnx.Module):
         if kv_cache is None:
             # The mask (if any) is causal already; is_causal also lets cuDNN skip the upper triangle.
             impl = self.config.attention_impl
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=impl)
+            attend = functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation=impl)
+            if _recomputes_attention_weights(self.config):
+                attend = jax.checkpoint(attend, policy=jax.checkpoint_policies.nothing_saveable)
+            out = attend(q, k, v, mask=mask)
         else:
             kv_cache = tuple(
                 jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), cache_index, axis=1)
@@ -231,6 +235,20 @@ class Attention(nnx.Module):
             out = jax.nn.dot_product_attention(q, *kv_cache, mask=mask, implementation="xla")
         out = project("bthk,hkd->btd", out, self.o_proj[...])
         return (out if self.o_bias is None else out + self.o_bias[...].astype(x.dtype)), kv_cache
+
+
+def _recomputes_attention_weights(config: ModelConfig) -> bool:
+    """Whether the backward recomputes XLA attention's ``[B, H, T, T]`` weights from q and k instead of saving them.
+
+    A scanned layer saves what its backward needs as ``[L, ...]`` stacks, each
+    zero-filled at the start of the step and written a layer at a time; for the
+    weights that is a fill and a copy of ``L x B x H x T^2`` values every step,
+    the largest stack of all (unrolled layers keep one buffer per layer and pay
+    neither). Recomputing them costs one ``q @ k`` and a softmax per layer, which
+    is what flash attention kernels (cuDNN, splash) do by design. With any other
+    remat the layer's policy decides (``dots_saveable`` keeps the scores on purpose).
+    """
+    return config.scan_layers and config.remat == "none" and config.attention_impl == "xla"
 
 
 class MLP(nnx.Module):
