@@ -45,7 +45,7 @@ ARCHITECTURES = {
 }
 # Named after what each saves inside a layer (see models.decoder).
 REMAT_POLICIES = ("none", "full", "dots_with_no_batch_dims_saveable", "dots_saveable", "save_attention_out_mlp_in")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "pallas_gpu")  # jaxrlhf.ops.attention
 ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
@@ -96,7 +96,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters (the master weights)
     remat: str = "none"  # per-layer rematerialisation: one of REMAT_POLICIES
     scan_layers: bool = True  # run the layers with lax.scan (compile time independent of depth)
-    attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" | "cudnn" (GPU)
+    attention_impl: str = "xla"  # auto | xla | cudnn | splash (TPU) | pallas_gpu: jaxrlhf.models.attention
     sequence_parallel: bool = False  # residual stream split along the sequence over the tensor axis between blocks
 
     def __post_init__(self):

@@ -50,6 +50,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxrlhf.models import attention
+from jaxrlhf.models.attention import AttentionCall
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.linear import PROJECTION, project
 from jaxrlhf.models.rope import apply_rope, rope_tables
@@ -133,24 +135,6 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=segment_ids.ndim - 1)
 
 
-def _segment_mask(segment_ids: jax.Array) -> jax.Array:
-    """``[B, 1, T, T]``: query and key in the same segment and key not after query.
-
-    Padding (segment 0) attends to earlier padding, so no row is empty (an empty
-    row is NaN in some kernels); padding outputs are never used.
-    """
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    index = jnp.arange(segment_ids.shape[-1])
-    causal = index[:, None] >= index[None, :]
-    return (same & causal)[:, None]
-
-
-def _window_mask(mask: jax.Array | None, window: jax.Array, query_index: jax.Array, key_index: jax.Array) -> jax.Array:
-    """Restrict ``mask`` to keys less than ``window`` slots back (HF: kv_idx > q_idx - sliding_window)."""
-    within = ((query_index[:, None] - key_index[None, :]) < window)[None, None]
-    return within if mask is None else mask & within
-
-
 class KVCache(NamedTuple):
     """Keys and values of every layer for ``S`` slots per row, filled from slot 0 on by ``Decoder.extend``.
 
@@ -200,17 +184,18 @@ class Attention(nnx.Module):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        mask: jax.Array | None,
+        call: AttentionCall,
         kv_cache: tuple[jax.Array, jax.Array] | None = None,
         cache_index: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """``(output [B, T, D], kv_cache)``.
 
-        Without a cache the queries attend to the keys of ``x`` under ``mask`` and
-        causally. With ``kv_cache = (keys, values)`` (``[B, S, kv_heads, head_dim]``
-        each) this call's keys and values are first written at slots
-        ``cache_index ..`` and the queries attend to all S slots under ``mask``
-        ``[B, 1, T, S]``, which must then say which slots each query may see.
+        Without a cache the queries attend causally to the keys of ``x`` as
+        ``call`` says (a dense mask, or a flash kernel's segment ids and window).
+        With ``kv_cache = (keys, values)`` (``[B, S, kv_heads, head_dim]`` each)
+        this call's keys and values are first written at slots ``cache_index ..``
+        and the queries attend to all S slots under ``call.mask`` ``[B, 1, T, S]``,
+        which must then say which slots each query may see.
         """
         q = self._project(x, self.q_proj, self.q_bias)
         k = self._project(x, self.k_proj, self.k_bias)
@@ -218,13 +203,14 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is None:
+        if kv_cache is None and call.impl not in attention.DENSE:
+            out = attention.sharded_attend(q, k, v, call)
+        elif kv_cache is None:
             # The mask (if any) is causal already; is_causal also lets cuDNN skip the upper triangle.
-            impl = self.config.attention_impl
-            attend = functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation=impl)
-            if _recomputes_attention_weights(self.config):
+            attend = functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation=call.impl)
+            if _recomputes_attention_weights(self.config, call.impl):
                 attend = jax.checkpoint(attend, policy=jax.checkpoint_policies.nothing_saveable)
-            out = attend(q, k, v, mask=mask)
+            out = attend(q, k, v, mask=call.mask)
         else:
             kv_cache = tuple(
                 jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), cache_index, axis=1)
@@ -232,12 +218,12 @@ class Attention(nnx.Module):
             )
             # Queries sit at slots after cache_index, so causality is in the mask, not is_causal; XLA's kernel
             # takes any [B, 1, T, S] mask, down to the one-query steps of decoding.
-            out = jax.nn.dot_product_attention(q, *kv_cache, mask=mask, implementation="xla")
+            out = jax.nn.dot_product_attention(q, *kv_cache, mask=call.mask, implementation="xla")
         out = project("bthk,hkd->btd", out, self.o_proj[...])
         return (out if self.o_bias is None else out + self.o_bias[...].astype(x.dtype)), kv_cache
 
 
-def _recomputes_attention_weights(config: ModelConfig) -> bool:
+def _recomputes_attention_weights(config: ModelConfig, impl: str) -> bool:
     """Whether the backward recomputes XLA attention's ``[B, H, T, T]`` weights from q and k instead of saving them.
 
     A scanned layer saves what its backward needs as ``[L, ...]`` stacks, each
@@ -248,7 +234,7 @@ def _recomputes_attention_weights(config: ModelConfig) -> bool:
     is what flash attention kernels (cuDNN, splash) do by design. With any other
     remat the layer's policy decides (``dots_saveable`` keeps the scores on purpose).
     """
-    return config.scan_layers and config.remat == "none" and config.attention_impl == "xla"
+    return config.scan_layers and config.remat == "none" and impl == "xla"
 
 
 class MLP(nnx.Module):
@@ -284,9 +270,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config, stack=stack, rngs=rngs)
         self.mlp = MLP(config, stack=stack, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, call: AttentionCall, kv_cache=None, cache_index=None):
         """``(output, kv_cache)``; the arguments as ``Attention``'s."""
-        attended, kv_cache = self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, cache_index)
+        attended, kv_cache = self.attn(self.attn_norm(x), cos, sin, call, kv_cache, cache_index)
         x = x + checkpoint_name(attended, "attention_out")
         return x + self.mlp(checkpoint_name(self.mlp_norm(x), "mlp_in")), kv_cache
 
@@ -317,10 +303,17 @@ class Decoder(nnx.Module):
         """Final hidden states ``[B, T, D]`` (after the last norm) in ``config.dtype``."""
         if positions is None:
             positions = segment_positions(jnp.ones_like(tokens) if segment_ids is None else segment_ids)
-        # Unpacked rows need no mask beyond is_causal, which lets cuDNN run without a dense bias.
-        mask = None if segment_ids is None else _segment_mask(segment_ids)
-        index = jnp.arange(tokens.shape[1])
-        x, _ = self._layers(self._embed(tokens), rope_tables(positions, self.config), mask, index, index)
+        impl = attention.resolve(self.config.attention_impl, packed=segment_ids is not None)
+        rope, index = rope_tables(positions, self.config), jnp.arange(tokens.shape[1])
+        x = self._embed(tokens)
+        whole = [(0, self.config.num_layers, impl, None)]
+        for start, stop, run_impl, window in whole if impl in attention.DENSE else attention.layer_runs(self.config, impl):
+            if run_impl in attention.DENSE:
+                # Unpacked rows need no mask beyond is_causal, which lets cuDNN run without a dense bias.
+                call = AttentionCall(run_impl, mask=None if segment_ids is None else attention.segment_mask(segment_ids))
+            else:
+                call = AttentionCall(run_impl, segment_ids=segment_ids, window=window)
+            x, _ = self._layers(x, rope, call, index, index, layers=(start, stop))
         return constrain(self.final_norm(x), _ACTIVATION_AXES)
 
     def extend(
@@ -348,7 +341,7 @@ class Decoder(nnx.Module):
         x, (keys, values) = self._layers(
             self._embed(tokens),
             rope_tables(positions, self.config),
-            visible[:, None],
+            AttentionCall("xla", mask=visible[:, None]),
             query_index,
             key_index,
             (cache.keys, cache.values),
@@ -365,32 +358,39 @@ class Decoder(nnx.Module):
         rules = _SEQUENCE_PARALLEL_RULES if self.config.sequence_parallel else DEFAULT_RULES
         return constrain(x, _ACTIVATION_AXES, rules)
 
-    def _layers(self, x, rope, mask, query_index, key_index, kv_cache=None, cache_index=None):
-        """All layers, scanned or unrolled, with remat: ``(x, kv_cache)``, each cache ``[layers, ...]``.
+    def _layers(self, x, rope, call, query_index, key_index, kv_cache=None, cache_index=None, *, layers=None):
+        """Layers ``layers = (start, stop)`` (default: all), scanned or unrolled, with remat: ``(x, kv_cache)``,
+        each cache ``[layers, ...]``.
 
         ``query_index`` ``[T]`` and ``key_index`` ``[S]`` are the slots of the
-        queries and keys, for the sliding windows.
+        queries and keys, for the sliding windows of dense-mask layers (a flash
+        kernel's layers carry their one window in ``call``).
         """
         config = self.config
         cos, sin = rope
         graphdef, stacked = nnx.split(self.layers)
+        start, stop = layers or (0, config.num_layers)
+        if (start, stop) != (0, config.num_layers):
+            stacked = jax.tree.map(lambda a: a[start:stop], stacked)
 
         def layer(x, layer_state, window, layer_cache):
-            layer_mask = mask if window is None else _window_mask(mask, window, query_index, key_index)
-            y, layer_cache = nnx.merge(graphdef, layer_state)(x, cos, sin, layer_mask, layer_cache, cache_index)
+            layer_call = call
+            if window is not None:
+                layer_call = call._replace(mask=attention.window_mask(call.mask, window, query_index, key_index))
+            y, layer_cache = nnx.merge(graphdef, layer_state)(x, cos, sin, layer_call, layer_cache, cache_index)
             return self._between_layers(y), layer_cache
 
         if config.remat != "none":
             # Inside lax.scan, CSE across iterations cannot undo the remat, so skip its barrier.
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
-        windows = config.layer_windows()
+        windows = config.layer_windows()[start:stop]
         window_array = None
-        if any(w is not None for w in windows):
+        if call.impl in attention.DENSE and any(w is not None for w in windows):
             window_array = jnp.asarray([_NO_WINDOW if w is None else w for w in windows], jnp.int32)
         if config.scan_layers:
             return jax.lax.scan(lambda carry, xs: layer(carry, *xs), x, (stacked, window_array, kv_cache))
         caches = []
-        for i in range(config.num_layers):
+        for i in range(stop - start):
             layer_state, layer_cache = jax.tree.map(lambda a: a[i], (stacked, kv_cache))
             x, layer_cache = layer(x, layer_state, None if window_array is None else window_array[i], layer_cache)
             caches.append(layer_cache)

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jaxrlhf.models import make_logprob_fn
+from jaxrlhf.ops import attention as attention_kernels
 from jaxrlhf.parallel.mesh import make_mesh
 from jaxrlhf.parallel.rules import LOGICAL_AXES, spec_axes, wants_fsdp
 from jaxrlhf.train import steps
@@ -39,7 +40,7 @@ from jaxrlhf.train.run_config import (
     rows_are_packed,
 )
 from jaxrlhf.train.step_assembly import abstract_params, abstract_train_state, build_train_step
-from jaxrlhf.train.verdict import PlanDoesNotFit, budget_of, judge, ways_out
+from jaxrlhf.train.verdict import PlanDoesNotFit, budget_of, judge, platform_of, ways_out
 
 GIB = 2**30
 PARTS = ("parameters", "optimizer", "reference", "batch", "temporaries")
@@ -152,15 +153,27 @@ def plan(config: TrainConfig, task: str) -> dict:
     return report
 
 
+def _attention_of_target(config: TrainConfig, task: str) -> TrainConfig:
+    """On fake CPU devices, plan the attention kernel the target device would run (``auto`` resolved for it):
+    splash and pallas_gpu in interpret mode; cuDNN does not compile for CPU, so its layers plan XLA's."""
+    requested = config.model.attention_impl
+    impl = attention_kernels.resolve(requested, platform=platform_of(config), packed=rows_are_packed(config, task))
+    if impl == "cudnn":
+        # XLA's attention holds the [T, T] scores, so this overestimates.
+        print(f"dry run on CPU devices: attention {requested} -> cudnn -> xla (temporaries are an upper bound)")
+        impl = "xla"
+    elif impl != requested:
+        print(f"dry run on CPU devices: attention {requested} -> {impl} (interpret mode)")
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, attention_impl=impl))
+
+
 def dry_run(config: TrainConfig, task: str) -> dict:
     """Plan ``config``, print it and, when the device is known, its verdict; raise ``PlanDoesNotFit`` if it
     does not fit (after searching the micro-batch and remat settings that would)."""
     if config.dry_run_devices > 0:
         use_fake_devices(config.dry_run_devices)
-    if config.model.attention_impl == "cudnn" and jax.devices()[0].platform == "cpu":
-        # cuDNN kernels do not compile for CPU; XLA's attention holds the [T, T] scores, so this overestimates.
-        print("dry run on CPU devices: attention_impl cudnn -> xla (temporaries are an upper bound)")
-        config = dataclasses.replace(config, model=dataclasses.replace(config.model, attention_impl="xla"))
+    if jax.devices()[0].platform == "cpu":
+        config = _attention_of_target(config, task)
     report = plan(config, task)
     _print(report, config, task)
     budget = budget_of(config)

@@ -51,6 +51,14 @@ def budget_of(config) -> Budget | None:
     return Budget(f"{name} ({ACCELERATORS[name]:g} GiB)", int(ACCELERATORS[name] * GIB))
 
 
+def platform_of(config) -> str:
+    """tpu | gpu | cpu: the platform of the device the plan is for (--dry_run_device, else `hardware`; none: cpu)."""
+    name = (config.dry_run_device or config.hardware).lower()
+    if name.startswith("tpu"):
+        return "tpu"
+    return "gpu" if name in ACCELERATORS and not name.endswith("cpu") else "cpu"
+
+
 def _needed(report: dict) -> int:
     return max(report["total"], report.get("eval_total", 0))
 
