@@ -60,14 +60,20 @@ def test_logits_and_logprobs_match_transformers(zoo, tokens, variant):
     assert lp.dtype == np.float32 and config.param_dtype == "float32"
 
 
-@pytest.mark.parametrize("variant", HF_VARIANTS)
-def test_packed_row_matches_transformers_run_separately(zoo, variant):
-    """Two examples plus padding in one row: per-token log-probs equal each example's own HF run."""
+@pytest.mark.parametrize(
+    "variant, attention_impl",
+    [(v, "xla") for v in HF_VARIANTS] + [("qwen2", "splash"), ("qwen3", "splash"), ("qwen2", "pallas_gpu"),
+                                         ("llama2", "pallas_gpu")],
+)  # fmt: skip
+def test_packed_row_matches_transformers_run_separately(zoo, variant, attention_impl):
+    """Two examples plus padding in one row: per-token log-probs equal each example's own HF run, with XLA's
+    dense mask and with the flash kernels (interpret mode; qwen2 has a sliding-window layer, qwen3 q/k norms,
+    llama2 biases)."""
     rng = np.random.default_rng(1)
     first, second = rng.integers(0, VOCAB, (1, 7)), rng.integers(0, VOCAB, (1, 6))
     row = np.concatenate([first, second, np.zeros((1, 3), np.int64)], axis=1).astype(np.int32)
     segment_ids = np.array([[1] * 7 + [2] * 6 + [0] * 3], np.int32)
-    model, _ = load_hf(zoo.folder(variant), dtype=jnp.float32)
+    model, _ = load_hf(zoo.folder(variant), dtype=jnp.float32, attention_impl=attention_impl)
     _, lp = _run(model, row, segment_ids)
     expected = np.concatenate(
         [

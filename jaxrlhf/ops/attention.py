@@ -103,7 +103,6 @@ def _block(length: int) -> int:
     return next(b for b in (512, 256, 128) if length % b == 0)
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(heads: int, length: int, window: int | None, interpret: bool):
     shape = (length, length)
     # HF's window keeps keys less than `window` back: LocalMask's (left, right) counts keys before the query.
@@ -113,6 +112,7 @@ def _splash_kernel(heads: int, length: int, window: int | None, interpret: bool)
         block_q=b, block_kv=b, block_kv_compute=b,
         block_q_dkv=b, block_kv_dkv=b, block_kv_dkv_compute=b, use_fused_bwd_kernel=True,
     )  # fmt: skip
+    # Built per trace, not cached: its mask tables become constants of the trace that builds them.
     return splash.make_splash_mha(
         splash.MultiHeadMask([head_mask] * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
     )

@@ -1,0 +1,158 @@
+"""The flash attention kernels (interpret mode on CPU) against a float64 numpy reference, on packed rows.
+
+Rows hold many short segments, one segment filling the row, or segments then
+padding (segment 0); queries are grouped 4:1 over keys; the sliding window is
+HF's (keys less than ``window`` back). Values and gradients of q, k and v are
+compared on real tokens (padding outputs are never used). Then: the kernels under
+``shard_map`` on a mesh equal them unsharded, ``auto`` picks per platform, and a
+packed row's compiled memory grows about linearly in T with a flash kernel
+(quadratically with XLA's dense mask).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from model_fixtures import tiny_config
+
+from jaxrlhf.models import init_model, make_logprob_fn
+from jaxrlhf.models.attention import AttentionCall, sharded_attend
+from jaxrlhf.ops import attention
+from jaxrlhf.parallel.mesh import MeshConfig, make_mesh
+
+B, T, H, KV, D = 2, 40, 4, 1, 16
+ROWS = {
+    "many_short_segments": [[1] * 5 + [2] * 3 + [3] * 9 + [4] * 2 + [5] * 21, [1] * 7 + [2] * 33],
+    "one_segment_fills_the_row": [[1] * T, [1] * T],
+    "padding_at_the_end": [[1] * 17 + [2] * 15 + [0] * 8, [1] * 30 + [0] * 10],
+}
+
+
+def _inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    q, k, v, cotangent = (rng.normal(size=(B, T, heads, D)) for heads in (H, KV, KV, H))
+    return q, k, v, cotangent
+
+
+def _reference(q, k, v, segment_ids, window):
+    """float64 numpy: softmax(q k / sqrt(D) masked) v, causal, same segment, HF window; and its VJP."""
+    group = H // KV
+    kr, vr = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    i = np.arange(T)
+    allowed = (i[:, None] >= i[None, :])[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    if window is not None:
+        allowed &= (i[:, None] - i[None, :] < window)[None]
+    scores = np.einsum("bqhd,bkhd->bhqk", q, kr) / np.sqrt(D)
+    scores = np.where(allowed[:, None], scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", weights, vr), weights, kr, vr
+
+
+def _reference_grads(q, k, v, cotangent, segment_ids, window):
+    _, weights, kr, vr = _reference(q, k, v, segment_ids, window)
+    d_out = np.transpose(cotangent, (0, 2, 1, 3))  # [B, H, T, D]
+    d_v = np.einsum("bhqk,bhqd->bkhd", weights, d_out)
+    d_weights = np.einsum("bhqd,bkhd->bhqk", d_out, vr)
+    d_scores = weights * (d_weights - (d_weights * weights).sum(-1, keepdims=True)) / np.sqrt(D)
+    d_q = np.einsum("bhqk,bkhd->bqhd", d_scores, kr)
+    d_k = np.einsum("bhqk,bqhd->bkhd", d_scores, q)
+    fold = lambda g: g.reshape(B, T, KV, H // KV, D).sum(3)  # noqa: E731 - grouped heads share K/V
+    return d_q, fold(d_k), fold(d_v)
+
+
+def _kernel_and_grads(impl, q, k, v, cotangent, segment_ids, window):
+    real = jnp.asarray(segment_ids != 0)[:, :, None, None]
+
+    def loss(q, k, v):
+        out = attention.attend(q, k, v, segment_ids=jnp.asarray(segment_ids), window=window, impl=impl)
+        return jnp.sum(jnp.where(real, out * cotangent, 0.0)), out
+
+    grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(
+        *(jnp.asarray(x, jnp.float32) for x in (q, k, v))
+    )
+    return np.asarray(out), [np.asarray(g) for g in grads]
+
+
+CASES = [(impl, row, None) for impl in ("splash", "pallas_gpu") for row in ROWS]
+CASES += [("splash", "many_short_segments", 6), ("xla", "many_short_segments", 6)]
+
+
+@pytest.mark.parametrize("impl, row, window", CASES)
+def test_kernel_equals_float64_reference(impl, row, window):
+    q, k, v, cotangent = _inputs()
+    segment_ids = np.asarray(ROWS[row], np.int32)
+    real = segment_ids != 0
+    cotangent = cotangent * real[:, :, None, None]  # padding outputs carry no gradient, as in the losses
+    out, grads = _kernel_and_grads(impl, q, k, v, cotangent, segment_ids, window)
+    expected, *_ = _reference(q, k, v, segment_ids, window)
+    np.testing.assert_allclose(out[real], expected[real], atol=2e-5)
+    for got, want in zip(grads, _reference_grads(q, k, v, cotangent, segment_ids, window)):
+        np.testing.assert_allclose(got, want, atol=5e-5)
+
+
+def test_pallas_gpu_refuses_a_window():
+    q, k, v, _ = (jnp.asarray(x, jnp.float32) for x in _inputs())
+    with pytest.raises(ValueError, match="pallas_gpu has no sliding window"):
+        attention.attend(q, k, v, window=4, impl="pallas_gpu")
+
+
+@pytest.mark.parametrize("impl", ["splash", "pallas_gpu"])
+@pytest.mark.parametrize("kv_heads", [2, 1])
+@pytest.mark.parametrize("packed", [True, False])
+def test_kernel_under_shard_map_equals_unsharded(impl, kv_heads, packed):
+    """Rows over data x fsdp, heads over tensor 2: 2 KV heads split with the queries, 1 is repeated per head."""
+    rng = np.random.default_rng(5)
+    q = jnp.asarray(rng.normal(size=(4, T, 4, D)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(4, T, kv_heads, D)), jnp.float32) for _ in range(2))
+    segment_ids = jnp.asarray(np.array(ROWS["many_short_segments"] * 2, np.int32)) if packed else None
+
+    def attend(q, k, v, segment_ids):
+        return sharded_attend(q, k, v, AttentionCall(impl, segment_ids=segment_ids))
+
+    expected = jax.jit(attend)(q, k, v, segment_ids)
+    with jax.set_mesh(make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))):
+        got = jax.jit(attend)(q, k, v, segment_ids)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "platform, packed, expected",
+    [("tpu", True, "splash"), ("tpu", False, "splash"), ("gpu", True, "pallas_gpu"), ("gpu", False, "cudnn"),
+     ("cpu", True, "xla")],
+)  # fmt: skip
+def test_auto_picks_the_platforms_kernel(platform, packed, expected):
+    assert attention.resolve("auto", platform=platform, packed=packed) == expected
+    assert attention.resolve("xla", platform=platform, packed=packed) == "xla"
+
+
+def _packed_step_temp_bytes(impl: str, length: int) -> int:
+    config = tiny_config(num_layers=1, attention_impl=impl, vocab_size=64)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: init_model(config)))
+    logprob_fn = make_logprob_fn(graphdef, chunk_size=256)
+    row = jax.ShapeDtypeStruct((1, length), jnp.int32)
+
+    def loss(p, tokens, positions, segment_ids):
+        return logprob_fn(p, tokens, positions, segment_ids).sum()
+
+    compiled = jax.jit(jax.grad(loss)).lower(params, row, row, row).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("impl, most", [("splash", 2.5), ("pallas_gpu", 2.5)])
+def test_packed_row_memory_grows_about_linearly_with_a_flash_kernel(impl, most):
+    dense = _packed_step_temp_bytes("xla", 2048) / _packed_step_temp_bytes("xla", 1024)
+    flash = _packed_step_temp_bytes(impl, 2048) / _packed_step_temp_bytes(impl, 1024)
+    assert dense > 3.5 and flash <= most, (dense, flash)
+
+
+def test_config_takes_every_kernel_name():
+    for impl in attention.IMPLEMENTATIONS:
+        assert dataclasses.replace(tiny_config(), attention_impl=impl).attention_impl == impl
+    with pytest.raises(ValueError, match="attention_impl"):
+        tiny_config(attention_impl="flash")
