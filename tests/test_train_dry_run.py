@@ -50,3 +50,18 @@ def test_every_shipped_config_dry_runs_on_8_devices(path):
     if is_dpo and config.dpo.reference == "model":
         assert report["reference"] > 0
     assert report["temporaries"] > 0
+
+
+@pytest.mark.parametrize("attention_impl", ["xla", "splash"])
+def test_dry_run_lists_the_largest_arrays(attention_impl):
+    """Packed rows of 512: XLA's attention materialises [.., 512, 512] scores among the largest arrays of the
+    step; splash attention none at all."""
+    config = load_config(SftConfig, CONFIGS[0].parent / "demo_sft.yaml", [
+        "--dry_run", "true", "--model.preset", "tiny", "--data.tokenizer", str(asset_path("tokenizer")),
+        "--data.max_length", "512", "--model.attention_impl", attention_impl, "--dry_run_devices", "0",
+    ])  # fmt: skip
+    report = run_sft(config)
+    largest = report["largest_arrays"]
+    assert len(largest) == 5 and largest == sorted(largest, key=lambda a: -a["bytes"])
+    scores = [a for a in largest if a["shape"].endswith(",512,512]")]
+    assert bool(scores) == (attention_impl == "xla"), largest

@@ -30,6 +30,7 @@ from jaxrlhf.parallel.mesh import make_mesh
 from jaxrlhf.parallel.rules import LOGICAL_AXES, spec_axes, wants_fsdp
 from jaxrlhf.train import steps
 from jaxrlhf.train.assembly import lm_head_chunk_size
+from jaxrlhf.train.largest_arrays import largest_arrays
 from jaxrlhf.train.optim import make_optimizer
 from jaxrlhf.train.prefetch import batch_sharding
 from jaxrlhf.train.run_config import (
@@ -120,7 +121,8 @@ def plan(config: TrainConfig, task: str) -> dict:
         spec=spec,
     )
     with jax.set_mesh(mesh):
-        train = step.lower(state, batch, ref_params).compile().memory_analysis()
+        compiled_step = step.lower(state, batch, ref_params).compile()
+    train = compiled_step.memory_analysis()
     report = {
         "devices": mesh.devices.size,
         "mesh": dict(mesh.shape),
@@ -131,6 +133,7 @@ def plan(config: TrainConfig, task: str) -> dict:
         "temporaries": int(train.temp_size_in_bytes),
         "replicated_parameters": _replicated_bytes(state.params, mesh),
         "parameter_count": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
+        "largest_arrays": largest_arrays(compiled_step.as_text()),
     }
     report["total"] = sum(report[k] for k in PARTS)
     if config.has_eval():
@@ -207,6 +210,9 @@ def _print(report: dict, config: TrainConfig, task: str) -> None:
             table.add_row(key, f"{report[key] / GIB:.3f}")
     console.print(table)
     console.print("temporaries: activations and workspace of the compiled step, as XLA planned them")
+    console.print("largest arrays of the step, per device:", highlight=False)
+    for array in report["largest_arrays"]:
+        print(f"  {array['bytes'] / GIB:8.3f} GiB  {array['shape']:<28} {array['op']}")
     if report["replicated_parameters"]:
         console.print(
             f"replicated: {report['replicated_parameters'] / GIB:.3f} GiB of parameters have no dimension that "
