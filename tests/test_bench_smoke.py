@@ -80,3 +80,12 @@ def test_bench_optimizer_state_is_sharded_like_the_trainers():
     _, trained = abstract_train_state(config, make_optimizer(OptimConfig(), 1000)[0], mesh)
     for ours, theirs in zip(jax.tree.leaves(policy.state.opt_state), jax.tree.leaves(trained.opt_state), strict=True):
         assert ours.sharding.is_equivalent_to(theirs.sharding, ours.ndim)
+
+
+def test_bench_attention_plans_each_kernel_on_packed_rows():
+    cfg = BenchConfig(vocab_size=256, num_layers=1, measure=["attention"], attention_impls=["xla", "splash"],
+                      attention_lengths=[128], attention_segment=32, devices=1)  # fmt: skip
+    rows = run(cfg)["results"]["attention"]
+    assert set(rows) == {"xla/128", "splash/128"}
+    for row in rows.values():
+        assert row["memory"]["temp_bytes"] > 0 and "step" not in row  # CPU: interpret mode is not timed

@@ -14,6 +14,16 @@ def sft_batch(rows: int, seq_len: int, vocab_size: int, *, seed: int = 0) -> dic
     return {"tokens": tokens, "loss_mask": loss_mask, "segment_ids": np.ones_like(tokens), "positions": positions}
 
 
+def packed_sft_batch(rows: int, seq_len: int, vocab_size: int, *, segment: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Rows packed with examples of ``segment`` tokens (the last one shorter), every token trained."""
+    rng = np.random.default_rng(seed)
+    index = np.arange(seq_len, dtype=np.int32)
+    segment_ids = np.broadcast_to(index // segment + 1, (rows, seq_len)).astype(np.int32)
+    positions = np.broadcast_to(index % segment, (rows, seq_len)).astype(np.int32)
+    tokens = rng.integers(0, vocab_size, (rows, seq_len), dtype=np.int32)
+    return {"tokens": tokens, "loss_mask": np.ones_like(tokens), "segment_ids": segment_ids, "positions": positions}
+
+
 def dpo_batch(pairs: int, seq_len: int, vocab_size: int, *, seed: int = 0, ref_logps: bool = False) -> dict[str, np.ndarray]:
     """``[pairs, 2, T]`` chosen/rejected rows; with ``ref_logps`` also precomputed reference log-probs ``[pairs, 2]``."""
     chosen = sft_batch(pairs, seq_len, vocab_size, seed=seed)

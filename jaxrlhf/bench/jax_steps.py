@@ -66,10 +66,10 @@ class Policy:
     tx: object
     schedule: object
 
-    def logprob_fn(self, *, chunked: bool, chunk_size: int | None = None):
+    def logprob_fn(self, *, chunked: bool, chunk_size: int | None = None, packed: bool = False):
         if chunked:
-            # Benchmark rows hold one example each (padded like DPO rows): the trainer's unpacked path.
-            return make_logprob_fn(self.graphdef, chunk_size=chunk_size, packed=False)
+            # Benchmark rows hold one example each (padded like DPO rows) unless packed: the trainer's paths.
+            return make_logprob_fn(self.graphdef, chunk_size=chunk_size, packed=packed)
         return full_logits_logprob_fn(self.graphdef)
 
 
@@ -105,9 +105,9 @@ def _compile(policy: Policy, task: str, logprob_fn, batch, *extra, spec: steps.D
         return step.lower(policy.state, batch, *extra).compile()
 
 
-def compile_sft(policy: Policy, batch, *, chunked: bool = True, chunk_size: int | None = None):
+def compile_sft(policy: Policy, batch, *, chunked: bool = True, chunk_size: int | None = None, packed: bool = False):
     """The SFT step compiled for ``batch`` (arrays or ``abstract_batch``): ``(state, batch) -> (state, metrics)``."""
-    return _compile(policy, "sft", policy.logprob_fn(chunked=chunked, chunk_size=chunk_size), batch)
+    return _compile(policy, "sft", policy.logprob_fn(chunked=chunked, chunk_size=chunk_size, packed=packed), batch)
 
 
 def compile_dpo(policy: Policy, batch, spec: steps.DpoLossSpec, ref_params=None, *, chunk_size: int | None = None):

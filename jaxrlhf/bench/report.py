@@ -81,6 +81,8 @@ def print_report(bench: Bench) -> None:
         )
     if named:
         bench.console.print(table)
+    if "attention" in bench.results:
+        bench.console.print(attention_table(bench))
     if "fit" in bench.results:
         fit = bench.results["fit"]
         bench.console.print(
@@ -94,6 +96,26 @@ def print_report(bench: Bench) -> None:
     )
     kinds = {row["memory_kind"] for row in bench.results.get("hf", {}).values() if succeeded(row)}
     bench.console.print(memory + "".join(f"; pytorch = {kind}" for kind in kinds))
+
+def attention_table(bench: Bench) -> Table:
+    """Kernels down, lengths across: the packed SFT step's temporaries (and time, where measured)."""
+    cfg, rows = bench.cfg, bench.results["attention"]
+    table = Table(title=f"packed SFT step, one row of {cfg.attention_segment}-token examples: temporaries GiB (ms/step)")
+    table.add_column("attention")
+    for length in cfg.attention_lengths:
+        table.add_column(f"T = {length}", justify="right")
+    for impl in cfg.attention_impls:
+        cells = []
+        for length in cfg.attention_lengths:
+            row = rows[f"{impl}/{length}"]
+            if not succeeded(row):
+                cells.append(f"error: {row['error'][:40]}")
+                continue
+            cell = f"{row['memory']['temp_bytes'] / 2**30:.2f}"
+            cells.append(cell + (f" ({row['step']['median_s'] * 1e3:.1f})" if "step" in row else ""))
+        table.add_row(impl, *cells)
+    return table
+
 
 def record(bench: Bench) -> dict:
     """The run as one JSON-able record: config, environment, results and ratios."""

@@ -12,6 +12,8 @@ Measurements (``BenchConfig.measure``, any of):
   touches the device.
 - ``fit``: the longest sequence whose SFT step fits ``fit_budget_gib`` (default:
   the device's allocator limit), chunked and full logits (``fit``).
+- ``attention``: the SFT step on one packed row with each of ``attention_impls``
+  at each of ``attention_lengths`` (``jaxrlhf.bench.attention``).
 - ``scan``: the SFT and DPO (frozen reference) steps with the layers scanned
   and unrolled, taking turns on one train state so that load on the machine
   slows both alike: time and compiled temporaries of each.
@@ -35,6 +37,7 @@ import jax
 from rich.console import Console
 
 from jaxrlhf.bench import flops
+from jaxrlhf.bench.attention import measure_attention
 from jaxrlhf.bench.batches import dpo_batch, sft_batch
 from jaxrlhf.bench.fit import longest_fit
 from jaxrlhf.bench.hf_torch import HfJob, run_in_child
@@ -62,7 +65,7 @@ from jaxrlhf.models.presets import preset
 from jaxrlhf.parallel.mesh import MeshConfig, make_mesh
 from jaxrlhf.train.steps import DpoLossSpec
 
-MEASUREMENTS = ("sft", "dpo", "dpo_precomputed", "logprobs", "hf", "fit", "scan")
+MEASUREMENTS = ("sft", "dpo", "dpo_precomputed", "logprobs", "hf", "fit", "scan", "attention")
 _TINY_VOCAB = 32768
 MIB = 2**20
 
@@ -87,13 +90,18 @@ class BenchConfig:
     """none | full | dots_with_no_batch_dims_saveable | dots_saveable | save_attention_out_mlp_in; anything but
     none turns on gradient checkpointing in PyTorch."""
     attention_impl: str = "xla"
-    """xla | cudnn (GPU)."""
+    """auto | xla | cudnn (GPU) | splash (TPU) | pallas_gpu: the kernel of every step but --measure attention's."""
+    attention_impls: list[str] = dataclasses.field(default_factory=lambda: ["xla", "splash", "pallas_gpu"])
+    """--measure attention: the kernels compared (on a GPU: xla, cudnn, pallas_gpu; a TPU: xla, splash)."""
+    attention_lengths: list[int] = dataclasses.field(default_factory=lambda: [2048, 8192, 32768])
+    attention_segment: int = 512
+    """--measure attention: tokens per packed example."""
     chunk_size: int = 0
     """Sequence positions per LM-head chunk; 0 = automatic (as model.chunk_size)."""
     warmup: int = 2
     repeats: int = 5
     measure: list[str] = dataclasses.field(default_factory=lambda: ["sft", "dpo", "dpo_precomputed", "logprobs", "hf"])
-    """Any of: sft, dpo, dpo_precomputed, logprobs, hf, fit, scan."""
+    """Any of: sft, dpo, dpo_precomputed, logprobs, hf, fit, scan, attention."""
     logprob_vocabs: list[int] = dataclasses.field(default_factory=lambda: [32768, 128256, 151936])
     fit_batch: int = 1
     fit_budget_gib: float = 0.0
@@ -312,6 +320,10 @@ class Bench:
                 for name, step in compiled.items()
             }
         self.results["scan"] = rows
+
+    def run_attention(self):
+        if "attention" in self.cfg.measure:
+            self.results["attention"] = measure_attention(self)
 
     def run_fit(self):
         cfg = self.cfg

@@ -3,6 +3,7 @@
     jaxrlhf bench                                                # tiny shape, every CPU comparison
     jaxrlhf bench --preset qwen2.5-0.5b --batch 2 --seq_len 128 --measure "[sft,hf]"
     jaxrlhf bench --preset qwen2.5-1.5b --seq_len 4096 --dtype bfloat16 --measure "[fit]"
+    jaxrlhf bench --num_layers 2 --measure "[attention]"                           # packed rows, per kernel
     jaxrlhf bench --num_layers 8 --batch 8 --seq_len 512 --measure "[scan]"      # scanned vs unrolled layers
 
 What each measurement is: ``jaxrlhf.bench.suite``. Results print as tables with
@@ -29,6 +30,7 @@ def run(cfg: BenchConfig) -> dict:
     bench.run_steps()
     bench.run_logprobs()
     bench.run_scan()
+    bench.run_attention()
     bench.run_fit()
     print_report(bench)
     record = report_record(bench)
