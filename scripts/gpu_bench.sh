@@ -16,6 +16,8 @@
 #              (remat full / gradient checkpointing) so that like is compared with like
 #   logprobs   the SFT step with the chunked LM head vs full [B, T, V] logits
 #   fit        the longest SFT sequence (batch 1) whose step fits the GPU, chunked and full logits
+#   packed     the packed-row SFT step (one row of 512-token examples) with xla, cudnn (dense mask) and
+#              pallas_gpu (segment ids) attention at T = 2048, 8192, 32768: memory and time
 #
 # Results: one JSON line per stage in $OUT/results.jsonl, everything printed in $OUT/bench.log.
 # $OUT defaults to runs/gpu_bench. Stages that would start after DEADLINE_S seconds are skipped (and
@@ -43,7 +45,7 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/bench.log") 2>&1
 started=$SECONDS
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(env steps pytorch logprobs fit)
+[ ${#stages[@]} -eq 0 ] && stages=(env steps pytorch logprobs fit packed)
 
 install() {
   if "$PYTHON" -c "import grain, draccus, tensorboardX" 2>/dev/null; then
@@ -113,7 +115,11 @@ for stage in "${stages[@]}"; do
       bench fit 300 --remat dots_with_no_batch_dims_saveable --measure "[fit]" --fit_batch 1 \
         --fit_budget_gib "$FIT_BUDGET_GIB" --fit_granularity "$FIT_GRANULARITY"
       ;;
-    *) echo "unknown stage $stage (install env steps pytorch logprobs fit)" >&2 ;;
+    packed)
+      bench packed 300 --remat dots_with_no_batch_dims_saveable --measure "[attention]" \
+        --attention_impls "[xla,cudnn,pallas_gpu]" --attention_lengths "${PACKED_LENGTHS:-[2048,8192,32768]}"
+      ;;
+    *) echo "unknown stage $stage (install env steps pytorch logprobs fit packed)" >&2 ;;
   esac
 done
 echo "=== done in $((SECONDS - started))s: $OUT/results.jsonl, $OUT/bench.log"
