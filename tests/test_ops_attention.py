@@ -102,9 +102,9 @@ def test_pallas_gpu_refuses_a_window():
         attention.attend(q, k, v, window=4, impl="pallas_gpu")
 
 
-@pytest.mark.parametrize("impl", ["splash", "pallas_gpu"])
-@pytest.mark.parametrize("kv_heads", [2, 1])
-@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize(
+    "impl, kv_heads, packed", [("splash", 2, True), ("splash", 1, False), ("pallas_gpu", 1, True)]
+)
 def test_kernel_under_shard_map_equals_unsharded(impl, kv_heads, packed):
     """Rows over data x fsdp, heads over tensor 2: 2 KV heads split with the queries, 1 is repeated per head."""
     rng = np.random.default_rng(5)

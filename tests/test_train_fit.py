@@ -4,6 +4,7 @@ wherever training fits."""
 
 import dataclasses
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -42,6 +43,11 @@ def test_every_shipped_config_fits_its_stated_hardware(path):
     out = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"verdict: fits on {config.hardware}" in out.stdout, out.stdout
+    gib = {m[1]: float(m[2]) for m in re.finditer(r"│ (\w+) +│ +([\d.]+) │", out.stdout)}
+    # f32 master weights and two f32 Adam moments, each sharded the same way (3 printed decimals).
+    assert gib["optimizer"] == pytest.approx(2 * gib["parameters"], abs=2e-3), gib
+    if task == "dpo" and config.dpo.reference == "model":
+        assert gib["reference"] > 0
 
 
 def _tiny(tmp_path, base_model, **overrides):
