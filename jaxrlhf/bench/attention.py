@@ -16,7 +16,7 @@ import jax
 
 from jaxrlhf.bench.batches import packed_sft_batch
 from jaxrlhf.bench.jax_steps import abstract_sft_batch, build_policy, compile_sft, place, running_as, step_caller
-from jaxrlhf.bench.measure import compiled_memory, time_calls
+from jaxrlhf.bench.measure import compiled_memory, first_line, time_calls
 
 __all__ = ["measure_attention"]
 
@@ -39,7 +39,7 @@ def measure_attention(bench) -> dict:
                     caller = step_caller(compiled, base, place(batch, bench.mesh))
                     row["step"] = time_calls(caller, warmup=cfg.warmup, repeats=cfg.repeats).as_dict()
             except Exception as e:  # noqa: BLE001 - one row's failure is that row's result
-                row = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"}
+                row = {"error": f"{type(e).__name__}: {first_line(e)}"}
             rows[name] = row
             memory = row.get("memory", {}).get("temp_bytes")
             detail = row.get("error") or f"temporaries {memory / 2**30:.2f} GiB" + (

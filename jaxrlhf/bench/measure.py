@@ -42,16 +42,7 @@ class Timing:
 
 def time_calls(call: Callable[[], object], *, warmup: int, repeats: int, sync: Callable[[object], object] = jax.block_until_ready) -> Timing:
     """Time ``call()`` ``repeats`` times after ``warmup`` untimed calls, ``sync`` waiting for each result."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for _ in range(warmup):
-        sync(call())
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sync(call())
-        samples.append(time.perf_counter() - start)
-    return Timing(tuple(samples))
+    return time_alternating({"call": call}, warmup=warmup, repeats=repeats, sync=sync)["call"]
 
 
 def time_alternating(
@@ -108,3 +99,8 @@ def matmul_peak_flops(device: jax.Device, dtype: str, *, size: int = 2048, warmu
     timing = time_calls(lambda: matmul(a, b), warmup=warmup, repeats=repeats)
     # The fastest call is the least disturbed by the other processes sharing the cores.
     return 2 * size**3 / min(timing.samples)
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line (its type when it has no message), for a result row."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:500]

@@ -56,6 +56,7 @@ from jaxrlhf.bench.measure import (
     compiled_memory,
     device_bytes_limit,
     device_peak_bytes,
+    first_line,
     matmul_peak_flops,
     time_alternating,
     time_calls,
@@ -203,7 +204,7 @@ class Bench:
             memory = compiled_memory(compiled)
             timing = time_calls(step_caller(compiled, policy, *args), warmup=self.cfg.warmup, repeats=self.cfg.repeats)
         except Exception as e:
-            return self.progress(name, {"error": f"{type(e).__name__}: {_first_line(e)}"})
+            return self.progress(name, {"error": f"{type(e).__name__}: {first_line(e)}"})
         row = {
             "step": timing.as_dict(),
             **self.rates(timing.median, step_flops),
@@ -365,7 +366,7 @@ class Bench:
             jax.block_until_ready(step_caller(compiled, policy, batch)())
             return "ok"
         except jax.errors.JaxRuntimeError as e:  # out of memory at run time despite the prediction
-            return f"failed: {_first_line(e)}"
+            return f"failed: {first_line(e)}"
 
     # -- PyTorch -----------------------------------------------------------------------------
 
@@ -400,10 +401,6 @@ class Bench:
         for task, row in self.results.get("hf", {}).items():
             if "error" not in row:
                 row.update(self.rates(row["step"]["median_s"], self.model_flops(task)))
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:500]
 
 
 def succeeded(row: dict | None) -> bool:

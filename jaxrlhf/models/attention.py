@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec
 
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.ops import attention as kernels
+from jaxrlhf.ops.attention import segment_mask, window_mask
 from jaxrlhf.parallel.rules import logical_to_spec
 
 __all__ = ["DENSE", "AttentionCall", "layer_runs", "resolve", "segment_mask", "sharded_attend", "window_mask"]
@@ -45,29 +46,15 @@ def resolve(impl: str, *, packed: bool) -> str:
     return kernels.resolve(impl, platform=jax.default_backend(), packed=packed)
 
 
-def segment_mask(segment_ids: jax.Array) -> jax.Array:
-    """``[B, 1, T, T]``: query and key in the same segment and key not after query.
-
-    Padding (segment 0) attends to earlier padding, so no row is empty (an empty
-    row is NaN in some kernels); padding outputs are never used.
-    """
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    index = jnp.arange(segment_ids.shape[-1])
-    causal = index[:, None] >= index[None, :]
-    return (same & causal)[:, None]
-
-
-def window_mask(mask: jax.Array | None, window, query_index: jax.Array, key_index: jax.Array) -> jax.Array:
-    """Restrict ``mask`` to keys less than ``window`` slots back (HF: kv_idx > q_idx - sliding_window)."""
-    within = ((query_index[:, None] - key_index[None, :]) < window)[None, None]
-    return within if mask is None else mask & within
-
-
 def layer_runs(config: ModelConfig, impl: str) -> list[tuple[int, int, str, int | None]]:
     """``[(start, stop, impl, window)]``: consecutive layers a flash kernel runs with one static window.
 
-    A window ``pallas_gpu`` cannot apply sends its layers to xla (logged once).
+    A dense kernel runs every layer in one run (its windows are per-layer masks,
+    window None here); a window ``pallas_gpu`` cannot apply sends its layers to
+    xla (logged once).
     """
+    if impl in DENSE:
+        return [(0, config.num_layers, impl, None)]
     runs: list[tuple[int, int, str, int | None]] = []
     for i, window in enumerate(config.layer_windows()):
         layer_impl = impl

@@ -26,6 +26,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from jaxrlhf.ops.attention import IMPLEMENTATIONS
+
 __all__ = [
     "ARCHITECTURES",
     "ATTENTION_IMPLS",
@@ -45,7 +47,7 @@ ARCHITECTURES = {
 }
 # Named after what each saves inside a layer (see models.decoder).
 REMAT_POLICIES = ("none", "full", "dots_with_no_batch_dims_saveable", "dots_saveable", "save_attention_out_mlp_in")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "pallas_gpu")  # jaxrlhf.ops.attention
+ATTENTION_IMPLS = IMPLEMENTATIONS  # jaxrlhf.ops.attention
 ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"

@@ -306,8 +306,7 @@ class Decoder(nnx.Module):
         impl = attention.resolve(self.config.attention_impl, packed=segment_ids is not None)
         rope, index = rope_tables(positions, self.config), jnp.arange(tokens.shape[1])
         x = self._embed(tokens)
-        whole = [(0, self.config.num_layers, impl, None)]
-        for start, stop, run_impl, window in whole if impl in attention.DENSE else attention.layer_runs(self.config, impl):
+        for start, stop, run_impl, window in attention.layer_runs(self.config, impl):
             if run_impl in attention.DENSE:
                 # Unpacked rows need no mask beyond is_causal, which lets cuDNN run without a dense bias.
                 call = AttentionCall(run_impl, mask=None if segment_ids is None else attention.segment_mask(segment_ids))

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-__all__ = ["IMPLEMENTATIONS", "attend", "dense_mask", "resolve", "supports_window"]
+__all__ = ["IMPLEMENTATIONS", "attend", "resolve", "segment_mask", "supports_window", "window_mask"]
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "pallas_gpu")
 _SPLASH_BLOCK = 128  # splash needs key blocks (and the dK/dV query block) in multiples of 128
@@ -55,22 +55,31 @@ def supports_window(impl: str) -> bool:
     return impl != "pallas_gpu"
 
 
-def dense_mask(segment_ids: jax.Array | None, window: int | None, length: int) -> jax.Array | None:
-    """``[B or 1, 1, T, T]`` same-segment and in-window (causality is left to ``is_causal``); None if neither."""
-    mask = None
-    if segment_ids is not None:
-        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-    if window is not None:
-        index = jnp.arange(length)
-        within = ((index[:, None] - index[None, :]) < window)[None, None]
-        mask = within if mask is None else mask & within
-    return mask
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """``[B, 1, T, T]``: query and key in the same segment and key not after query.
+
+    Padding (segment 0) attends to earlier padding, so no row is empty (an empty
+    row is NaN in some kernels); padding outputs are never used.
+    """
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    index = jnp.arange(segment_ids.shape[-1])
+    causal = index[:, None] >= index[None, :]
+    return (same & causal)[:, None]
+
+
+def window_mask(mask: jax.Array | None, window, query_index: jax.Array, key_index: jax.Array) -> jax.Array:
+    """Restrict ``mask`` to keys less than ``window`` slots back (HF: kv_idx > q_idx - sliding_window)."""
+    within = ((query_index[:, None] - key_index[None, :]) < window)[None, None]
+    return within if mask is None else mask & within
 
 
 def attend(q, k, v, *, segment_ids=None, window: int | None = None, impl: str = "xla") -> jax.Array:
     """``[B, T, H, D]``: causal attention of ``q`` over ``k, v`` within segments and window (see the module)."""
     if impl in ("xla", "cudnn"):
-        mask = dense_mask(segment_ids, window, q.shape[1])
+        mask = None if segment_ids is None else segment_mask(segment_ids)
+        if window is not None:
+            index = jnp.arange(q.shape[1])
+            mask = window_mask(mask, window, index, index)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=impl)
     if impl == "splash":
         return _splash(q, k, v, segment_ids, window)
