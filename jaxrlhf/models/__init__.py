@@ -24,6 +24,8 @@ from flax import nnx
 from jaxrlhf.models.config import ModelConfig, RopeConfig, config_from_hf, config_to_hf
 from jaxrlhf.models.decoder import Decoder, KVCache, init_model, segment_positions
 from jaxrlhf.models.hf_io import HF_NAME_MAPS, end_of_turn_token_id, load_hf, save_hf
+from jaxrlhf.models.lora import LoraSpec
+from jaxrlhf.models.lora_io import add_adapters, load_peft_adapter, merge_lora, save_peft_adapter
 from jaxrlhf.ops.logprobs import chunked_token_logprobs
 from jaxrlhf.parallel.rules import mesh_axes_for
 
@@ -31,16 +33,21 @@ __all__ = [
     "HF_NAME_MAPS",
     "Decoder",
     "KVCache",
+    "LoraSpec",
     "ModelConfig",
     "RopeConfig",
+    "add_adapters",
     "config_from_hf",
     "config_to_hf",
     "default_chunk_size",
     "end_of_turn_token_id",
     "init_model",
     "load_hf",
+    "load_peft_adapter",
     "make_logprob_fn",
+    "merge_lora",
     "save_hf",
+    "save_peft_adapter",
     "segment_positions",
     "token_logprobs",
 ]
@@ -75,7 +82,8 @@ def token_logprobs(
 
 
 def make_logprob_fn(graphdef: nnx.GraphDef, *, chunk_size: int | None = None, packed: bool = True):
-    """``(params, tokens, positions, segment_ids) -> token_lp`` for ``graphdef, params = nnx.split(model)``.
+    """``(params, tokens, positions, segment_ids, rng=None) -> token_lp`` for ``graphdef, params = nnx.split(model)``
+    (a tuple of states for a model split in parts: a LoRA model's ``(adapters, frozen)``; ``rng``: LoRA dropout).
 
     ``packed=False`` promises rows of one right-padded example each: causal attention
     alone then keeps every real token off the padding after it, so the decoder runs
@@ -83,9 +91,9 @@ def make_logprob_fn(graphdef: nnx.GraphDef, *, chunk_size: int | None = None, pa
     still zero the log-probs of padding either way.
     """
 
-    def logprob_fn(params, tokens, positions, segment_ids):
-        model = nnx.merge(graphdef, params)
-        hidden = model(tokens, positions=positions, segment_ids=segment_ids if packed else None)
+    def logprob_fn(params, tokens, positions, segment_ids, rng=None):
+        model = nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)
+        hidden = model(tokens, positions=positions, segment_ids=segment_ids if packed else None, rng=rng)
         chunk = chunk_size or default_chunk_size(tokens.shape[0], model.config.vocab_size)
         return chunked_token_logprobs(
             hidden, model.lm_head_matrix(), tokens, chunk_size=chunk, segment_ids=segment_ids, batch_axes=_BATCH_AXES

@@ -16,8 +16,8 @@ config.json leaves out take the defaults of the matching transformers config
 class, so a checkpoint means the same thing here as in transformers.
 
 The fields after ``eos_token_id`` are not architecture: they choose how the
-model runs (dtypes, rematerialisation, layer scan, attention kernel) and are
-never written to config.json.
+model runs (dtypes, rematerialisation, layer scan, attention kernel, LoRA
+adapters and QLoRA's quantized base) and are never written to config.json.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from jaxrlhf.models.lora import LoraSpec
 from jaxrlhf.ops.attention import IMPLEMENTATIONS
+from jaxrlhf.ops.quantize import QTYPES
 
 __all__ = [
     "ARCHITECTURES",
@@ -100,6 +102,8 @@ class ModelConfig:
     scan_layers: bool = True  # run the layers with lax.scan (compile time independent of depth)
     attention_impl: str = "xla"  # auto | xla | cudnn | splash (TPU) | pallas_gpu: jaxrlhf.models.attention
     sequence_parallel: bool = False  # residual stream split along the sequence over the tensor axis between blocks
+    lora: LoraSpec | None = None  # LoRA adapters on the linear layers; the base is then frozen (models.lora)
+    weight_qtype: str = "none"  # none | int8 | nf4: QLoRA's frozen base stored quantized (with lora)
 
     def __post_init__(self):
         _check_choice("model_type", self.model_type, tuple(ARCHITECTURES))
@@ -115,7 +119,13 @@ class ModelConfig:
             _check_choice("layer_types entry", layer_type, (FULL_ATTENTION, SLIDING_ATTENTION))
         if SLIDING_ATTENTION in self.layer_types and not self.sliding_window:
             raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+        _check_choice("weight_qtype", self.weight_qtype, ("none", *QTYPES))
         _check_expressible(self)
+
+    @property
+    def base_param_dtype(self) -> str:
+        """Storage dtype of the base parameters: the master weights' dtype, or with LoRA (base frozen) the compute dtype."""
+        return self.param_dtype if self.lora is None else self.dtype
 
     def layer_windows(self) -> tuple[int | None, ...]:
         """Attention window of each layer (a query sees keys less than this many tokens back), None = unlimited."""

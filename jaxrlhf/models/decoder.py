@@ -18,14 +18,13 @@ Interface for a trainer::
   the parameter layout does not depend on how the layers run:
   ``config.scan_layers`` runs them with ``lax.scan`` (compile time independent
   of depth) or unrolled, and ``config.remat`` wraps each layer in
-  ``jax.checkpoint``: "none"; "full" (save only the layer input);
-  "dots_with_no_batch_dims_saveable" (JAX's policy of that name: keep the
-  projections' outputs, not the batched ``[B, H, T, T]`` attention scores);
-  "dots_saveable" (JAX's: keep every matmul output, the scores included) —
-  both also keep the outputs named ``PROJECTION``, which JAX cannot see as
-  matmuls behind ``project``'s custom VJP; or
-  "save_attention_out_mlp_in" (keep only the attention block's output and the
-  MLP's input, named with ``checkpoint_name``).
+  ``jax.checkpoint``: "none"; "full" (save only the layer input); JAX's
+  "dots_with_no_batch_dims_saveable" (not the ``[B, H, T, T]`` scores) and
+  "dots_saveable" (every matmul output), both also keeping the outputs named
+  ``PROJECTION`` (matmuls behind ``project``'s custom VJP, invisible to JAX);
+  or "save_attention_out_mlp_in" (named with ``checkpoint_name``).
+- LoRA (``config.lora``): adapters and QLoRA's quantized kernels live next to
+  the kernels they adapt (``models.lora``); ``rng`` turns their dropout on.
 - Every parameter carries ``logical_axes`` metadata; ``jaxrlhf.parallel.rules``
   turns it into a ``PartitionSpec`` for a mesh. ``init_model(..., mesh=)`` creates
   the parameters directly in their shards, with the spec recorded as
@@ -41,7 +40,6 @@ Interface for a trainer::
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,10 +48,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxrlhf.models import attention
+from jaxrlhf.models import attention, lora
 from jaxrlhf.models.attention import AttentionCall
 from jaxrlhf.models.config import ModelConfig
-from jaxrlhf.models.linear import PROJECTION, project
+from jaxrlhf.models.kv_cache import KVCache
+from jaxrlhf.models.linear import PROJECTION
 from jaxrlhf.models.rope import apply_rope, rope_tables
 from jaxrlhf.parallel.rules import (
     DEFAULT_RULES,
@@ -92,8 +91,9 @@ _NO_WINDOW = np.iinfo(np.int32).max
 
 def _param(initializer, rngs: nnx.Rngs, shape, logical_axes, config: ModelConfig, *, decay_group: str) -> nnx.Param:
     """A parameter with its logical axes and its weight-decay group (kernel | embedding | none), decided here,
-    where it is made: rank cannot tell a stacked norm scale ``[L, D]`` from a kernel."""
-    value = initializer(rngs.params(), tuple(shape), jnp.dtype(config.param_dtype))
+    where it is made: rank cannot tell a stacked norm scale ``[L, D]`` from a kernel. A LoRA model's base
+    parameters are frozen and stored in ``config.base_param_dtype``."""
+    value = initializer(rngs.params(), tuple(shape), jnp.dtype(config.base_param_dtype))
     return nnx.Param(value, logical_axes=tuple(logical_axes), decay_group=decay_group)
 
 
@@ -101,9 +101,10 @@ def _normal(config: ModelConfig):
     return jax.nn.initializers.normal(config.initializer_range)
 
 
-def _kernel(rngs: nnx.Rngs, shape, logical_axes, config: ModelConfig) -> nnx.Param:
-    """A linear layer's weight: decayed."""
-    return _param(_normal(config), rngs, shape, logical_axes, config, decay_group="kernel")
+def _kernel(rngs: nnx.Rngs, shape, logical_axes, config: ModelConfig):
+    """A linear layer's weight: decayed; QLoRA's base stores it quantized (``lora.QuantizedKernel``)."""
+    kernel = _param(_normal(config), rngs, shape, logical_axes, config, decay_group="kernel")
+    return lora.frozen_kernel(kernel, config.weight_qtype, tuple(logical_axes))
 
 
 def _bias(rngs: nnx.Rngs, shape, logical_axes, config: ModelConfig) -> nnx.Param:
@@ -135,26 +136,6 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=segment_ids.ndim - 1)
 
 
-class KVCache(NamedTuple):
-    """Keys and values of every layer for ``S`` slots per row, filled from slot 0 on by ``Decoder.extend``.
-
-    All rows fill the same slots (a batch of prompts is left-padded, its padding
-    in segment 0); ``extend`` never writes past slot ``S - 1``, so size the cache
-    for the prompt plus every token to come.
-    """
-
-    keys: jax.Array  # [layers, B, S, kv_heads, head_dim] in config.dtype
-    values: jax.Array  # same
-    segment_ids: jax.Array  # [B, S] int32: the segment of each filled slot; 0 = padding (and empty slots)
-    length: jax.Array  # int32 scalar: slots filled so far
-
-    @classmethod
-    def empty(cls, config: ModelConfig, batch: int, size: int) -> KVCache:
-        shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
-        zeros = jnp.zeros(shape, config.dtype)
-        return cls(zeros, zeros, jnp.zeros((batch, size), jnp.int32), jnp.zeros((), jnp.int32))
-
-
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE, optional q/k/v/o bias and optional per-head q/k RMSNorm."""
 
@@ -166,6 +147,11 @@ class Attention(nnx.Module):
         self.k_proj = _kernel(rngs, (*stack, d, kv, hd), (*layers, "embed", "kv_heads", "head_dim"), config)
         self.v_proj = _kernel(rngs, (*stack, d, kv, hd), (*layers, "embed", "kv_heads", "head_dim"), config)
         self.o_proj = _kernel(rngs, (*stack, h, hd, d), (*layers, "heads", "head_dim", "embed"), config)
+        adapter = functools.partial(lora.adapter_for, spec=config.lora, stack=stack, dtype=config.param_dtype, rngs=rngs)
+        self.q_proj_lora = adapter("q_proj", (d,), (h, hd), ("embed", "heads", "head_dim"))
+        self.k_proj_lora = adapter("k_proj", (d,), (kv, hd), ("embed", "kv_heads", "head_dim"))
+        self.v_proj_lora = adapter("v_proj", (d,), (kv, hd), ("embed", "kv_heads", "head_dim"))
+        self.o_proj_lora = adapter("o_proj", (h, hd), (d,), ("heads", "head_dim", "embed"))
         # Absent parameters are None (a static attribute), decided once per config.
         qkv_bias = config.qkv_bias
         self.q_bias = _bias(rngs, (*stack, h, hd), (*layers, "heads", "head_dim"), config) if qkv_bias else None
@@ -175,8 +161,8 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(hd, config, stack=stack, rngs=rngs) if config.qk_norm else None
         self.k_norm = RMSNorm(hd, config, stack=stack, rngs=rngs) if config.qk_norm else None
 
-    def _project(self, x, kernel, bias):
-        y = project("btd,dhk->bthk", x, kernel[...])
+    def _project(self, spec, x, name, bias, rng):
+        y = lora.linear(spec, x, getattr(self, name), getattr(self, f"{name}_lora"), lora.dropout_key(rng, name))
         return y if bias is None else y + bias[...].astype(x.dtype)
 
     def __call__(
@@ -187,6 +173,7 @@ class Attention(nnx.Module):
         call: AttentionCall,
         kv_cache: tuple[jax.Array, jax.Array] | None = None,
         cache_index: jax.Array | None = None,
+        rng: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """``(output [B, T, D], kv_cache)``.
 
@@ -197,9 +184,10 @@ class Attention(nnx.Module):
         and the queries attend to all S slots under ``call.mask`` ``[B, 1, T, S]``,
         which must then say which slots each query may see.
         """
-        q = self._project(x, self.q_proj, self.q_bias)
-        k = self._project(x, self.k_proj, self.k_bias)
-        v = self._project(x, self.v_proj, self.v_bias)
+        qkv = "btd,dhk->bthk"
+        q = self._project(qkv, x, "q_proj", self.q_bias, rng)
+        k = self._project(qkv, x, "k_proj", self.k_bias, rng)
+        v = self._project(qkv, x, "v_proj", self.v_bias, rng)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -219,8 +207,7 @@ class Attention(nnx.Module):
             # Queries sit at slots after cache_index, so causality is in the mask, not is_causal; XLA's kernel
             # takes any [B, 1, T, S] mask, down to the one-query steps of decoding.
             out = jax.nn.dot_product_attention(q, *kv_cache, mask=call.mask, implementation="xla")
-        out = project("bthk,hkd->btd", out, self.o_proj[...])
-        return (out if self.o_bias is None else out + self.o_bias[...].astype(x.dtype)), kv_cache
+        return self._project("bthk,hkd->btd", out, "o_proj", self.o_bias, rng), kv_cache
 
 
 def _recomputes_attention_weights(config: ModelConfig, impl: str) -> bool:
@@ -247,18 +234,22 @@ class MLP(nnx.Module):
         self.gate_proj = _kernel(rngs, (*stack, d, f), (*layers, "embed", "mlp"), config)
         self.up_proj = _kernel(rngs, (*stack, d, f), (*layers, "embed", "mlp"), config)
         self.down_proj = _kernel(rngs, (*stack, f, d), (*layers, "mlp", "embed"), config)
+        adapter = functools.partial(lora.adapter_for, spec=config.lora, stack=stack, dtype=config.param_dtype, rngs=rngs)
+        self.gate_proj_lora = adapter("gate_proj", (d,), (f,), ("embed", "mlp"))
+        self.up_proj_lora = adapter("up_proj", (d,), (f,), ("embed", "mlp"))
+        self.down_proj_lora = adapter("down_proj", (f,), (d,), ("mlp", "embed"))
         bias = config.mlp_bias
         self.gate_bias = _bias(rngs, (*stack, f), (*layers, "mlp"), config) if bias else None
         self.up_bias = _bias(rngs, (*stack, f), (*layers, "mlp"), config) if bias else None
         self.down_bias = _bias(rngs, (*stack, d), (*layers, "embed"), config) if bias else None
 
-    def _linear(self, x, kernel, bias):
-        y = project("btd,df->btf", x, kernel[...])
+    def _linear(self, x, name, bias, rng):
+        y = lora.linear("btd,df->btf", x, getattr(self, name), getattr(self, f"{name}_lora"), lora.dropout_key(rng, name))
         return y if bias is None else y + bias[...].astype(x.dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        gate = _ACTIVATIONS[self.config.hidden_act](self._linear(x, self.gate_proj, self.gate_bias))
-        return self._linear(gate * self._linear(x, self.up_proj, self.up_bias), self.down_proj, self.down_bias)
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        gate = _ACTIVATIONS[self.config.hidden_act](self._linear(x, "gate_proj", self.gate_bias, rng))
+        return self._linear(gate * self._linear(x, "up_proj", self.up_bias, rng), "down_proj", self.down_bias, rng)
 
 
 class Block(nnx.Module):
@@ -270,11 +261,11 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config, stack=stack, rngs=rngs)
         self.mlp = MLP(config, stack=stack, rngs=rngs)
 
-    def __call__(self, x, cos, sin, call: AttentionCall, kv_cache=None, cache_index=None):
-        """``(output, kv_cache)``; the arguments as ``Attention``'s."""
-        attended, kv_cache = self.attn(self.attn_norm(x), cos, sin, call, kv_cache, cache_index)
+    def __call__(self, x, cos, sin, call: AttentionCall, kv_cache=None, cache_index=None, rng=None):
+        """``(output, kv_cache)``; the arguments as ``Attention``'s (``rng``: this layer's LoRA dropout key)."""
+        attended, kv_cache = self.attn(self.attn_norm(x), cos, sin, call, kv_cache, cache_index, rng)
         x = x + checkpoint_name(attended, "attention_out")
-        return x + self.mlp(checkpoint_name(self.mlp_norm(x), "mlp_in")), kv_cache
+        return x + self.mlp(checkpoint_name(self.mlp_norm(x), "mlp_in"), rng), kv_cache
 
 
 class Decoder(nnx.Module):
@@ -298,9 +289,15 @@ class Decoder(nnx.Module):
         return head.astype(self.config.dtype)
 
     def __call__(
-        self, tokens: jax.Array, *, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        rng: jax.Array | None = None,
     ) -> jax.Array:
-        """Final hidden states ``[B, T, D]`` (after the last norm) in ``config.dtype``."""
+        """Final hidden states ``[B, T, D]`` (after the last norm) in ``config.dtype``; ``rng`` switches LoRA
+        dropout on (training forwards only)."""
         if positions is None:
             positions = segment_positions(jnp.ones_like(tokens) if segment_ids is None else segment_ids)
         impl = attention.resolve(self.config.attention_impl, packed=segment_ids is not None)
@@ -312,7 +309,7 @@ class Decoder(nnx.Module):
                 call = AttentionCall(run_impl, mask=None if segment_ids is None else attention.segment_mask(segment_ids))
             else:
                 call = AttentionCall(run_impl, segment_ids=segment_ids, window=window)
-            x, _ = self._layers(x, rope, call, index, index, layers=(start, stop))
+            x, _ = self._layers(x, rope, call, index, index, layers=(start, stop), rng=rng)
         return constrain(self.final_norm(x), _ACTIVATION_AXES)
 
     def extend(
@@ -357,7 +354,7 @@ class Decoder(nnx.Module):
         rules = _SEQUENCE_PARALLEL_RULES if self.config.sequence_parallel else DEFAULT_RULES
         return constrain(x, _ACTIVATION_AXES, rules)
 
-    def _layers(self, x, rope, call, query_index, key_index, kv_cache=None, cache_index=None, *, layers=None):
+    def _layers(self, x, rope, call, query_index, key_index, kv_cache=None, cache_index=None, *, layers=None, rng=None):
         """Layers ``layers = (start, stop)`` (default: all), scanned or unrolled, with remat: ``(x, kv_cache)``,
         each cache ``[layers, ...]``.
 
@@ -372,11 +369,12 @@ class Decoder(nnx.Module):
         if (start, stop) != (0, config.num_layers):
             stacked = jax.tree.map(lambda a: a[start:stop], stacked)
 
-        def layer(x, layer_state, window, layer_cache):
+        def layer(x, layer_state, window, layer_cache, layer_rng):
             layer_call = call
             if window is not None:
                 layer_call = call._replace(mask=attention.window_mask(call.mask, window, query_index, key_index))
-            y, layer_cache = nnx.merge(graphdef, layer_state)(x, cos, sin, layer_call, layer_cache, cache_index)
+            block = nnx.merge(graphdef, layer_state)
+            y, layer_cache = block(x, cos, sin, layer_call, layer_cache, cache_index, layer_rng)
             return self._between_layers(y), layer_cache
 
         if config.remat != "none":
@@ -386,12 +384,13 @@ class Decoder(nnx.Module):
         window_array = None
         if call.impl in attention.DENSE and any(w is not None for w in windows):
             window_array = jnp.asarray([_NO_WINDOW if w is None else w for w in windows], jnp.int32)
+        rngs = None if rng is None else jax.random.split(rng, config.num_layers)[start:stop]
         if config.scan_layers:
-            return jax.lax.scan(lambda carry, xs: layer(carry, *xs), x, (stacked, window_array, kv_cache))
+            return jax.lax.scan(lambda carry, xs: layer(carry, *xs), x, (stacked, window_array, kv_cache, rngs))
         caches = []
         for i in range(stop - start):
-            layer_state, layer_cache = jax.tree.map(lambda a: a[i], (stacked, kv_cache))
-            x, layer_cache = layer(x, layer_state, None if window_array is None else window_array[i], layer_cache)
+            layer_state, layer_cache, layer_rng = jax.tree.map(lambda a: a[i], (stacked, kv_cache, rngs))
+            x, layer_cache = layer(x, layer_state, None if window_array is None else window_array[i], layer_cache, layer_rng)
             caches.append(layer_cache)
         return x, (None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches))
 

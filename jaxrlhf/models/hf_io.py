@@ -258,7 +258,7 @@ def _layer_slice(stacked: jax.Array, layer: jax.Array, dtype: np.dtype) -> jax.A
     return jax.lax.dynamic_index_in_dim(stacked, layer, keepdims=False).astype(dtype)
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
+def to_host(x: jax.Array) -> np.ndarray:
     if x.is_fully_addressable:
         return np.asarray(jax.device_get(x))
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -269,13 +269,13 @@ def _hf_tensors(entries, dtype: np.dtype) -> Iterator[tuple[str, tuple[int, ...]
     stacked = [(entry, v) for entry, v in entries if entry.stacked]
     for entry, v in entries:
         if not entry.stacked:
-            yield entry.hf, entry.hf_shape(v.shape), lambda e=entry, v=v: e.to_hf(_to_host(v[...].astype(dtype)))
+            yield entry.hf, entry.hf_shape(v.shape), lambda e=entry, v=v: e.to_hf(to_host(v[...].astype(dtype)))
     for i in range(stacked[0][1].shape[0]):
         for entry, v in stacked:
             yield (
                 entry.hf.format(i=i),
                 entry.hf_shape(v.shape[1:]),
-                lambda e=entry, v=v, i=i: e.to_hf(_to_host(_layer_slice(v[...], jnp.int32(i), dtype))),
+                lambda e=entry, v=v, i=i: e.to_hf(to_host(_layer_slice(v[...], jnp.int32(i), dtype))),
             )
 
 
@@ -335,6 +335,8 @@ def save_hf(
     the saved weights defaults to the dtype of the checkpoint the model was
     loaded from, else ``param_dtype``. Existing weight files in ``path`` are replaced.
     """
+    if model_config.lora is not None or model_config.weight_qtype != "none":
+        raise ValueError("save_hf writes plain models: merge the LoRA adapters first (models.merge_lora)")
     folder = pathlib.Path(path)
     save_dtype = jnp.dtype(dtype or model_config.checkpoint_dtype or model_config.param_dtype)
     entries = _entries(model_config, nnx.state(model))

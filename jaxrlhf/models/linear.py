@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-__all__ = ["PROJECTION", "project"]
+from jaxrlhf.ops.quantize import dequantize
+
+__all__ = ["PROJECTION", "project", "project_quantized"]
 
 PROJECTION = "projection"
 
@@ -59,3 +61,33 @@ def _project_bwd(spec, residuals, out_grad):
 
 
 _project.defvjp(_project_fwd, _project_bwd)
+
+
+def project_quantized(spec: str, x: jax.Array, codes: jax.Array, scales: jax.Array, qtype: str) -> jax.Array:
+    """``project`` with a frozen weight stored as ``ops.quantize`` codes and scales (QLoRA's base).
+
+    The weight is dequantized inside the forward and again inside the backward,
+    so the only residuals are the codes and scales themselves: a dequantized copy
+    never outlives its matmul (under ``lax.scan`` a saved one would be stacked
+    for every layer, the whole model in the compute dtype). No weight gradient.
+    """
+    return checkpoint_name(_project_quantized(spec, qtype, x, codes, scales), PROJECTION)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _project_quantized(spec, qtype, x, codes, scales):
+    return jnp.einsum(spec, x, dequantize(codes, scales, qtype, x.dtype))
+
+
+def _project_quantized_fwd(spec, qtype, x, codes, scales):
+    return _project_quantized(spec, qtype, x, codes, scales), (codes, scales)
+
+
+def _project_quantized_bwd(spec, qtype, residuals, out_grad):
+    codes, scales = residuals
+    x_spec, weight_spec, out_spec = _specs(spec)
+    weight = dequantize(codes, scales, qtype, out_grad.dtype)
+    return jnp.einsum(f"{out_spec},{weight_spec}->{x_spec}", out_grad, weight), None, None
+
+
+_project_quantized.defvjp(_project_quantized_fwd, _project_quantized_bwd)

@@ -68,6 +68,7 @@ DEFAULT_RULES: Rules = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    ("lora_rank", None),  # LoRA's A [in, r] / B [r, out] shard like the weight's input / output
 )
 
 

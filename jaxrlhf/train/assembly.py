@@ -28,6 +28,7 @@ from jaxrlhf.models import (
     load_hf,
     make_logprob_fn,
 )
+from jaxrlhf.models.lora_io import add_adapters, base_graphdef, load_peft_adapter
 from jaxrlhf.parallel.distributed import initialize_distributed
 from jaxrlhf.parallel.mesh import make_mesh
 from jaxrlhf.train.checkpoint import Checkpointer
@@ -51,29 +52,60 @@ from jaxrlhf.train.run_config import (
     model_config_of,
     rows_are_packed,
 )
-from jaxrlhf.train.step_assembly import abstract_train_state, build_train_step, new_train_state
+from jaxrlhf.train.step_assembly import abstract_train_state, build_train_step, new_train_state, split_policy
 from jaxrlhf.train.steps import TrainState
 
 
 def load_model(
-    args: ModelArgs, path: str, mesh, *, param_dtype: str, tokenizer: str = "", sequence_parallel: bool = False
+    args: ModelArgs,
+    path: str,
+    mesh,
+    *,
+    param_dtype: str,
+    tokenizer: str = "",
+    sequence_parallel: bool = False,
+    seed: int = 0,
 ):
-    """``(model, model_config)``: the preset with random weights, or the folder's weights, on ``mesh``."""
+    """``(model, model_config)``: the preset with random weights, or the folder's weights, on ``mesh``; with
+    ``args.lora``, the base (in ``args.dtype``) with adapters added (fresh from ``seed``, or the adapter folder's)."""
+    config = model_config_of(args, path, param_dtype=param_dtype, tokenizer=tokenizer, sequence_parallel=sequence_parallel)
+    base_config = dataclasses.replace(config, lora=None, weight_qtype="none", param_dtype=config.base_param_dtype)
     if args.preset:
-        config = model_config_of(
-            args, path, param_dtype=param_dtype, tokenizer=tokenizer, sequence_parallel=sequence_parallel
+        model = init_model(base_config, mesh=mesh)
+    else:
+        model, _ = load_hf(
+            path,
+            dtype=jnp.dtype(args.dtype),
+            param_dtype=jnp.dtype(base_config.param_dtype),
+            mesh=mesh,
+            remat=args.remat,
+            scan_layers=args.scan_layers,
+            attention_impl=args.attention_impl,
+            sequence_parallel=sequence_parallel,
         )
-        return init_model(config, mesh=mesh), config
-    model_config_of(args, path, param_dtype=param_dtype)  # a missing or empty folder is named before any loading
-    return load_hf(
-        path,
-        dtype=jnp.dtype(args.dtype),
-        param_dtype=jnp.dtype(param_dtype),
-        mesh=mesh,
-        remat=args.remat,
-        scan_layers=args.scan_layers,
-        attention_impl=args.attention_impl,
-        sequence_parallel=sequence_parallel,
+    if config.lora is None:
+        return model, config
+    model = add_adapters(model, config, seed=seed, mesh=mesh)
+    if args.lora.adapter_path:
+        try:
+            model = load_peft_adapter(model, args.lora.adapter_path)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return model, config
+
+
+def describe_trainable(trainable, frozen, config: ModelConfig) -> str:
+    """One line on what trains: counts and bytes of the trained parameters (and of the frozen base)."""
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
+    nbytes = lambda tree: sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+    line = f"trainable parameters: {count(trainable):,} ({nbytes(trainable) / 2**20:,.1f} MiB)"
+    if frozen is None:
+        return line + " (full fine-tuning)"
+    spec = config.lora
+    quantized = "" if config.weight_qtype == "none" else f", stored {config.weight_qtype}"
+    return (
+        f"{line}: LoRA rank {spec.rank}, alpha {spec.alpha:g} on {', '.join(spec.targets)}; frozen base "
+        f"{count(frozen):,} values ({nbytes(frozen) / 2**20:,.1f} MiB{quantized})"
     )
 
 
@@ -159,6 +191,8 @@ class Run:
     model_config: ModelConfig
     state: TrainState
     """Fresh, or restored from the newest checkpoint (then ``start_step`` > 0)."""
+    frozen: object
+    """A LoRA policy's frozen base (None in full fine-tuning): passed to every step, never checkpointed."""
     start_step: int
     total_steps: int
     step: Callable
@@ -179,11 +213,19 @@ class Run:
         return pathlib.Path(self.config.run_dir)
 
 
+def reference_is_base(config: DpoConfig) -> bool:
+    """A LoRA policy's reference model is its base with the adapters off (TRL's default with peft), unless
+    dpo.reference_path names another model."""
+    return config.model.lora is not None and config.dpo.reference == "model" and not config.dpo.reference_path
+
+
 def _reference(config: DpoConfig, mesh):
     """``(ref_params, host_transform)`` of the DPO reference setting."""
+    if reference_is_base(config):
+        return None, None
     if config.dpo.reference == "model":
         reference, _ = load_model(
-            config.model,
+            dataclasses.replace(config.model, lora=None),
             config.reference_model_path(),
             mesh,
             param_dtype=config.dpo.reference_dtype,
@@ -254,12 +296,16 @@ def assemble(config: TrainConfig, task: str) -> Run:
         sequence_parallel=config.mesh.sequence_parallel,
     )  # fmt: skip
     check_vocabularies(config, model_config)
-    if latest is None:
+    frozen = None
+    if latest is None or model_config.lora is not None:  # a LoRA checkpoint holds the adapters: the base loads
         model, model_config = load_model(
             config.model, config.model.path, mesh, param_dtype=config.model.param_dtype,
-            tokenizer=config.data.tokenizer, sequence_parallel=config.mesh.sequence_parallel,
+            tokenizer=config.data.tokenizer, sequence_parallel=config.mesh.sequence_parallel, seed=config.seed,
         )  # fmt: skip
-        graphdef, params = nnx.split(model)
+        graphdef, params, frozen = split_policy(model)
+        del model
+        if jax.process_index() == 0:
+            print(describe_trainable(params, frozen, model_config), file=sys.stderr)
     total_steps = saved["total_steps"] if saved is not None and not changes else estimated_steps(config, task)
     config.optim.check(total_steps)
     tx, schedule = make_optimizer(config.optim, total_steps)
@@ -282,6 +328,14 @@ def assemble(config: TrainConfig, task: str) -> Run:
         packed=rows_are_packed(config, task),
     )
     ref_params, host_transform = _reference(config, mesh) if task == "dpo" else (None, None)
+    base_reference = task == "dpo" and reference_is_base(config)
+    reference_logprob_fn = None
+    if frozen is not None:  # a LoRA policy: its base, adapters off, runs as the reference or a plain model
+        reference_logprob_fn = make_logprob_fn(
+            base_graphdef(model_config),
+            chunk_size=lm_head_chunk_size(config, task, mesh, model_config.vocab_size),
+            packed=rows_are_packed(config, task),
+        )
     jitted = build_train_step(
         task,
         logprob_fn=logprob_fn,
@@ -290,6 +344,9 @@ def assemble(config: TrainConfig, task: str) -> Run:
         state_shardings=state_shardings,
         micro_batches=config.micro_batches,
         spec=spec,
+        reference_logprob_fn=reference_logprob_fn if base_reference else None,
+        reference_is_frozen=base_reference,
+        dropout=model_config.lora is not None and model_config.lora.dropout > 0,
     )
     sharding_for = rows_sharded(mesh)
 
@@ -303,10 +360,18 @@ def assemble(config: TrainConfig, task: str) -> Run:
     evaluate = None
     if config.has_eval():
         if task == "sft":
-            evaluate = sft_evaluator(logprob_fn, eval_batches, micro_batches=eval_micro_batches(config))
+            evaluate = sft_evaluator(
+                logprob_fn, eval_batches, micro_batches=eval_micro_batches(config), frozen=frozen
+            )
         else:
             evaluate = dpo_evaluator(
-                logprob_fn, eval_batches, ref_params=ref_params, spec=spec, micro_batches=eval_micro_batches(config)
+                logprob_fn,
+                eval_batches,
+                ref_params=frozen if base_reference else ref_params,
+                ref_logprob_fn=reference_logprob_fn if base_reference else None,
+                spec=spec,
+                micro_batches=eval_micro_batches(config),
+                frozen=frozen,
             )
     diagnoses: list[str] = []
     watchers = [NonFiniteWatcher(lambda: checkpointer.latest_step)]
@@ -331,7 +396,8 @@ def assemble(config: TrainConfig, task: str) -> Run:
         state=state,
         start_step=start_step,
         total_steps=total_steps,
-        step=lambda state, batch: jitted(state, batch, ref_params),
+        frozen=frozen,
+        step=lambda state, batch: jitted(state, batch, ref_params, frozen),
         train_data=train_data,
         host_transform=host_transform,
         evaluate=evaluate,

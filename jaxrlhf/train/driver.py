@@ -14,16 +14,28 @@ import pathlib
 import jax
 from flax import nnx
 
-from jaxrlhf.models import save_hf
+from jaxrlhf.models import merge_lora, save_hf, save_peft_adapter
 from jaxrlhf.train.assembly import Run
 from jaxrlhf.train.loop import run_loop
 from jaxrlhf.train.prefetch import DevicePrefetcher, rows_sharded
 from jaxrlhf.train.sinks import MetricSinks, ProgressBar
 
 
-def export_model(graphdef, params, model_config, out: pathlib.Path, *, tokenizer: str = "") -> pathlib.Path:
-    """Write the policy as a Hugging Face folder (with the run's tokenizer) that transformers loads."""
-    save_hf(nnx.merge(graphdef, params), model_config, out, tokenizer=tokenizer or None)
+def export_model(
+    graphdef, params, model_config, out: pathlib.Path, *, tokenizer: str = "", frozen=None, base_model: str = ""
+) -> pathlib.Path:
+    """Write the policy as a Hugging Face folder (with the run's tokenizer) that transformers loads.
+
+    A LoRA policy is written merged (``out``) and as a peft adapter folder beside it
+    (``<out>_adapter``, for ``PeftModel.from_pretrained`` on ``base_model``).
+    """
+    if frozen is None:
+        save_hf(nnx.merge(graphdef, params), model_config, out, tokenizer=tokenizer or None)
+        return out
+    model = nnx.merge(graphdef, params, frozen)
+    save_peft_adapter(model, model_config, out.with_name(out.name + "_adapter"), base_model=base_model)
+    merged, merged_config = merge_lora(model, model_config)
+    save_hf(merged, merged_config, out, tokenizer=tokenizer or None)
     return out
 
 
@@ -69,7 +81,10 @@ def train(run: Run) -> dict:
         summary["diagnoses"] = run.diagnoses
     finished = reason == "data_exhausted" or (reason == "done" and end == run.total_steps)
     if finished and config.export:
-        out = export_model(run.graphdef, state.params, run.model_config, run.run_dir / "hf", tokenizer=config.data.tokenizer)
+        out = export_model(
+            run.graphdef, state.params, run.model_config, run.run_dir / "hf", tokenizer=config.data.tokenizer,
+            frozen=run.frozen, base_model=config.model.path,
+        )  # fmt: skip
         summary["export"] = str(out)
     if jax.process_index() == 0:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -13,7 +13,6 @@ with the settings that would.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 
@@ -29,7 +28,8 @@ from jaxrlhf.ops import attention as attention_kernels
 from jaxrlhf.parallel.mesh import make_mesh
 from jaxrlhf.parallel.rules import LOGICAL_AXES, spec_axes, wants_fsdp
 from jaxrlhf.train import steps
-from jaxrlhf.train.assembly import lm_head_chunk_size
+from jaxrlhf.models.lora_io import base_graphdef
+from jaxrlhf.train.assembly import lm_head_chunk_size, reference_is_base
 from jaxrlhf.train.largest_arrays import largest_arrays
 from jaxrlhf.train.optim import make_optimizer
 from jaxrlhf.train.prefetch import batch_sharding
@@ -40,11 +40,11 @@ from jaxrlhf.train.run_config import (
     model_config_of,
     rows_are_packed,
 )
-from jaxrlhf.train.step_assembly import abstract_params, abstract_train_state, build_train_step
+from jaxrlhf.train.step_assembly import abstract_params, abstract_policy, abstract_train_state, build_train_step
 from jaxrlhf.train.verdict import PlanDoesNotFit, budget_of, judge, platform_of, ways_out
 
 GIB = 2**30
-PARTS = ("parameters", "optimizer", "reference", "batch", "temporaries")
+PARTS = ("parameters", "frozen", "optimizer", "reference", "batch", "temporaries")  # frozen: a LoRA policy's base
 
 
 def use_fake_devices(count: int) -> None:
@@ -99,13 +99,17 @@ def plan(config: TrainConfig, task: str) -> dict:
     )  # fmt: skip
     tx, schedule = make_optimizer(config.optim, config.max_steps or 1000)
     graphdef, state = abstract_train_state(model_config, tx, mesh)
+    frozen = abstract_policy(model_config, mesh)[2]
     batch = _abstract_batch(config, task, config.data.batch_size, mesh, eval_=False)
     chunk_size = lm_head_chunk_size(config, task, mesh, model_config.vocab_size)
-    logprob_fn = make_logprob_fn(graphdef, chunk_size=chunk_size, packed=rows_are_packed(config, task))
+    packed = rows_are_packed(config, task)
+    logprob_fn = make_logprob_fn(graphdef, chunk_size=chunk_size, packed=packed)
     ref_params, reference_bytes = None, 0
-    if task == "dpo" and config.dpo.reference == "model":
+    base_reference = task == "dpo" and reference_is_base(config)
+    base_fn = make_logprob_fn(base_graphdef(model_config), chunk_size=chunk_size, packed=packed) if base_reference else None
+    if task == "dpo" and config.dpo.reference == "model" and not base_reference:
         ref_config = model_config_of(
-            config.model, config.reference_model_path(),
+            dataclasses.replace(config.model, lora=None), config.reference_model_path(),
             param_dtype=config.dpo.reference_dtype, tokenizer=config.data.tokenizer,
             sequence_parallel=config.mesh.sequence_parallel,
         )  # fmt: skip
@@ -119,20 +123,25 @@ def plan(config: TrainConfig, task: str) -> dict:
         state_shardings=jax.tree.map(lambda x: x.sharding, state),
         micro_batches=config.micro_batches,
         spec=spec,
+        reference_logprob_fn=base_fn,
+        reference_is_frozen=base_reference,
+        dropout=model_config.lora is not None and model_config.lora.dropout > 0,
     )
     with jax.set_mesh(mesh):
-        compiled_step = step.lower(state, batch, ref_params).compile()
+        compiled_step = step.lower(state, batch, ref_params, frozen).compile()
     train = compiled_step.memory_analysis()
     report = {
         "devices": mesh.devices.size,
         "mesh": dict(mesh.shape),
         "parameters": _per_device_bytes(state.params),
+        "frozen": _per_device_bytes(frozen) if frozen is not None else 0,
         "optimizer": _per_device_bytes(state.opt_state),
         "reference": reference_bytes,
         "batch": _per_device_bytes(batch),
         "temporaries": int(train.temp_size_in_bytes),
         "replicated_parameters": _replicated_bytes(state.params, mesh),
         "parameter_count": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
+        "frozen_count": sum(math.prod(x.shape) for x in jax.tree.leaves(frozen)) if frozen is not None else 0,
         "largest_arrays": largest_arrays(compiled_step.as_text()),
     }
     report["total"] = sum(report[k] for k in PARTS)
@@ -140,17 +149,23 @@ def plan(config: TrainConfig, task: str) -> dict:
         eval_rows = config.data.eval_batch_size or config.data.batch_size
         eval_batch = _abstract_batch(config, task, eval_rows, mesh, eval_=True)
         micro = eval_micro_batches(config)
-        if task == "sft":
-            evaluate = functools.partial(steps.sft_eval_sums, logprob_fn=logprob_fn, num_micro_batches=micro)
-        else:
-            evaluate = functools.partial(steps.dpo_eval_pairs, logprob_fn=logprob_fn, num_micro_batches=micro)
-        kwargs = {"ref_params": ref_params} if task == "dpo" else {}
+
+        def evaluate(params, eval_batch, ref_params, frozen):
+            bound = steps.bind_frozen(logprob_fn, frozen)
+            if task == "sft":
+                return steps.sft_eval_sums(params, eval_batch, logprob_fn=bound, num_micro_batches=micro)
+            return steps.dpo_eval_pairs(
+                params, eval_batch, logprob_fn=bound, num_micro_batches=micro,
+                ref_params=frozen if base_reference else ref_params, ref_logprob_fn=base_fn,
+            )  # fmt: skip
+
         with jax.set_mesh(mesh):
-            compiled = jax.jit(evaluate).lower(state.params, eval_batch, **kwargs).compile().memory_analysis()
+            lowered = jax.jit(evaluate).lower(state.params, eval_batch, ref_params, frozen)
+            compiled = lowered.compile().memory_analysis()
         # Eval runs mid-training: the optimizer state and the reference stay resident.
         report["eval_temporaries"] = int(compiled.temp_size_in_bytes)
         report["eval_total"] = (
-            report["parameters"] + report["optimizer"] + reference_bytes + _per_device_bytes(eval_batch)
+            report["parameters"] + report["frozen"] + report["optimizer"] + reference_bytes + _per_device_bytes(eval_batch)
             + report["eval_temporaries"]
         )  # fmt: skip
     return report
@@ -200,7 +215,8 @@ def _print(report: dict, config: TrainConfig, task: str) -> None:
     console.print(
         f"dry run: {task} of {config.model.preset or config.model.path} on mesh {report['mesh']} "
         f"({jax.devices()[0].platform}), global batch {config.data.batch_size} x {config.data.max_length}, "
-        f"{config.micro_batches} micro-batch(es), {report['parameter_count'] / 1e9:.3f} B parameters"
+        f"{config.micro_batches} micro-batch(es), {report['parameter_count'] / 1e9:.3f} B parameters trained"
+        + (f" (LoRA; {report['frozen_count'] / 1e9:.3f} B frozen)" if report.get("frozen_count") else "")
     )
     table = Table(title="memory per device", title_justify="left")
     table.add_column("per device")

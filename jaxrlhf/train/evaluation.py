@@ -9,7 +9,6 @@ wherever training fits.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator
 
 import jax
@@ -18,16 +17,21 @@ from jax.experimental import multihost_utils
 from jaxrlhf.train import steps
 
 
-def sft_evaluator(logprob_fn: steps.LogprobFn, eval_batches: Callable[[], Iterator[dict]], *, micro_batches: int = 1):
-    """``state -> {"loss": nats per trained token, "trained_tokens"}`` over the eval split."""
-    eval_sums = jax.jit(
-        functools.partial(steps.sft_eval_sums, logprob_fn=logprob_fn, num_micro_batches=micro_batches)
-    )
+def sft_evaluator(
+    logprob_fn: steps.LogprobFn, eval_batches: Callable[[], Iterator[dict]], *, micro_batches: int = 1, frozen=None
+):
+    """``state -> {"loss": nats per trained token, "trained_tokens"}`` over the eval split (``frozen``: a LoRA
+    policy's base)."""
+
+    @jax.jit
+    def eval_sums(params, batch, frozen):
+        bound = steps.bind_frozen(logprob_fn, frozen)
+        return steps.sft_eval_sums(params, batch, logprob_fn=bound, num_micro_batches=micro_batches)
 
     def evaluate(state) -> dict[str, float]:
         nll, tokens = 0.0, 0.0
         for batch in eval_batches():
-            sums = jax.device_get(eval_sums(state.params, batch))
+            sums = jax.device_get(eval_sums(state.params, batch, frozen))
             nll += float(sums["nll_sum"])
             tokens += float(sums["trained_tokens"])
         return {"loss": nll / max(tokens, 1.0), "trained_tokens": tokens}
@@ -42,15 +46,26 @@ def dpo_evaluator(
     ref_params,
     spec: steps.DpoLossSpec,
     micro_batches: int = 1,
+    ref_logprob_fn: steps.LogprobFn | None = None,
+    frozen=None,
 ):
-    """``state -> DPO metrics`` (loss, rewards, margins, accuracies) over every eval pair."""
-    eval_pairs = jax.jit(
-        functools.partial(steps.dpo_eval_pairs, logprob_fn=logprob_fn, num_micro_batches=micro_batches)
-    )
+    """``state -> DPO metrics`` (loss, rewards, margins, accuracies) over every eval pair (``frozen``: a LoRA
+    policy's base; ``ref_logprob_fn``: the reference's, default the policy's)."""
+
+    @jax.jit
+    def eval_pairs(params, batch, ref_params, frozen):
+        return steps.dpo_eval_pairs(
+            params,
+            batch,
+            logprob_fn=steps.bind_frozen(logprob_fn, frozen),
+            ref_params=ref_params,
+            ref_logprob_fn=ref_logprob_fn,
+            num_micro_batches=micro_batches,
+        )
 
     def evaluate(state) -> dict[str, float]:
         pairs = [
-            multihost_utils.process_allgather(eval_pairs(state.params, batch, ref_params=ref_params), tiled=True)
+            multihost_utils.process_allgather(eval_pairs(state.params, batch, ref_params, frozen), tiled=True)
             for batch in eval_batches()
         ]
         return steps.dpo_eval_metrics(pairs, spec)

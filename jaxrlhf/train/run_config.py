@@ -15,12 +15,34 @@ import pathlib
 from jaxrlhf.config import ConfigError
 from jaxrlhf.data import DataConfig, load_tokenizer
 from jaxrlhf.models import ModelConfig, config_from_hf
+from jaxrlhf.models.lora import LoraSpec, resolve_targets
+from jaxrlhf.models.lora_io import read_peft_config
+from jaxrlhf.ops.quantize import QTYPES
 from jaxrlhf.models.presets import preset
 from jaxrlhf.parallel.mesh import MeshConfig
 from jaxrlhf.train import steps
 from jaxrlhf.train.checkpoint import CheckpointConfig
 from jaxrlhf.train.optim import OptimConfig
 from jaxrlhf.train.sinks import LoggingConfig
+
+
+@dataclasses.dataclass
+class LoraArgs:
+    """LoRA (and QLoRA) fine-tuning: the base frozen, only low-rank adapters trained (peft's names and defaults)."""
+
+    rank: int = 16
+    """Adapter rank r (peft's ``r``)."""
+    alpha: float = 32.0
+    """Scale numerator: updates are (alpha / rank) * x A B (peft's ``lora_alpha``)."""
+    dropout: float = 0.0
+    """Dropout on each adapter's input while training (peft's ``lora_dropout``), drawn from the train state's key."""
+    target_modules: list[str] | str = "all-linear"
+    """Linear layers to adapt: names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj), all-linear,
+    or a regex over transformers' module names (model.layers.0.self_attn.q_proj)."""
+    weight_qtype: str = "none"
+    """none | int8 | nf4: store the frozen base's layer kernels quantized (QLoRA), dequantized in each matmul."""
+    adapter_path: str = ""
+    """A peft LoRA adapter folder to start from; its adapter_config.json then sets rank, alpha, dropout and targets."""
 
 
 @dataclasses.dataclass
@@ -41,6 +63,9 @@ class ModelArgs:
     """xla | cudnn (GPU flash attention)."""
     chunk_size: int = 0
     """Sequence positions per LM-head chunk; 0 = automatic (about 256 MiB of logits per chunk)."""
+    lora: LoraArgs | None = None
+    """LoRA adapters (e.g. ``--model.lora.rank 16``); null = full fine-tuning. With LoRA the base is stored in
+    ``dtype`` and frozen, param_dtype is the adapters', and DPO's reference model is the base with the adapters off."""
 
 
 @dataclasses.dataclass
@@ -172,7 +197,7 @@ class DpoConfig(TrainConfig):
 # What a checkpoint means: the settings a resumed run must share with the run that saved it. Runtime
 # choices (compute dtype, remat, attention kernel, micro_batches, mesh, logging, loaders' threads) may change.
 _MEANINGFUL = ("seed", "max_steps", "model.path", "model.preset", "model.param_dtype", "model.scan_layers",
-               "data.", "optim.", "dpo.")  # fmt: skip
+               "model.lora", "model.lora.", "data.", "optim.", "dpo.")  # fmt: skip
 _RUNTIME = ("data.eval", "data.eval_batch_size", "data.worker_count", "data.worker_buffer_size", "data.read_threads",
             "data.prefetch_buffer_size", "data.cache_dir", "dpo.reference_logps")  # fmt: skip
 
@@ -219,13 +244,31 @@ def model_config_of(
     )
     if args.preset:
         vocab = len(load_tokenizer(tokenizer)) if args.preset == "tiny" else None
-        return preset(args.preset, vocab_size=vocab, **runtime)
+        return with_lora(preset(args.preset, vocab_size=vocab, **runtime), args.lora)
     if not path:
         raise ConfigError("model.path is empty: point it at a local Hugging Face model folder (or set model.preset)")
     config_file = pathlib.Path(path) / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} not found: model.path must be a local Hugging Face model folder")
-    return config_from_hf(json.loads(config_file.read_text()), **runtime)
+    return with_lora(config_from_hf(json.loads(config_file.read_text()), **runtime), args.lora)
+
+
+def with_lora(config: ModelConfig, args: LoraArgs | None) -> ModelConfig:
+    """``config`` with the adapters ``model.lora`` describes (from its adapter folder when one is given)."""
+    if args is None:
+        return config
+    try:
+        if args.adapter_path:
+            found = read_peft_config(args.adapter_path, num_layers=config.num_layers)
+            spec = LoraSpec(**found)
+        else:
+            targets = resolve_targets(args.target_modules, config.num_layers)
+            spec = LoraSpec(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets)
+        if args.weight_qtype not in ("none", *QTYPES):
+            raise ValueError(f"model.lora.weight_qtype must be none, {', '.join(QTYPES)}; got {args.weight_qtype!r}")
+        return dataclasses.replace(config, lora=spec, weight_qtype=args.weight_qtype)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def rows_are_packed(config: TrainConfig, task: str) -> bool:

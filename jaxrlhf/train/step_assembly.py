@@ -5,11 +5,14 @@
 ``abstract_train_state`` (shapes only), so what is planned and benchmarked is what
 trains: the same shardings in and out, the same donation, Adam moments sharded
 like their parameters.
+
+A policy is ``(graphdef, trainable, frozen)`` (``split_policy``): full
+fine-tuning trains every parameter (``frozen`` is None); a LoRA policy trains
+its adapters, and its base is ``frozen``, an argument of the step, never in the
+train state, its gradients or its checkpoints.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxrlhf.models import Decoder
+from jaxrlhf.models.lora import split_adapters
 from jaxrlhf.parallel.rules import named_shardings
 from jaxrlhf.train import steps
 from jaxrlhf.train.optim import init_opt_state, opt_state_shardings
@@ -37,16 +41,32 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def split_policy(model: Decoder):
+    """``(graphdef, trainable, frozen)``: every parameter and None, or a LoRA model's adapters and its base."""
+    if model.config.lora is None:
+        graphdef, params = nnx.split(model)
+        return graphdef, params, None
+    return split_adapters(model)
+
+
+def abstract_policy(model_config, mesh):
+    """``split_policy`` of a decoder as sharded ``ShapeDtypeStruct``s: nothing is allocated."""
+    graphdef, trainable, frozen = split_policy(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0))))
+    trainable = _abstract(trainable, named_shardings(trainable, mesh))
+    return graphdef, trainable, None if frozen is None else _abstract(frozen, named_shardings(frozen, mesh))
+
+
 def abstract_params(model_config, mesh):
-    """``(graphdef, params)`` of a decoder as sharded ``ShapeDtypeStruct``s: nothing is allocated."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0))))
-    return graphdef, _abstract(state, named_shardings(state, mesh))
+    """``(graphdef, params)`` of a plain decoder as sharded ``ShapeDtypeStruct``s: nothing is allocated."""
+    graphdef, params, _ = abstract_policy(model_config, mesh)
+    return graphdef, params
 
 
 def abstract_train_state(model_config, tx, mesh):
     """``(graphdef, state)`` where ``state`` is a ``TrainState`` of sharded ``ShapeDtypeStruct``s: the
-    shape of training on ``mesh`` without allocating it (a dry-run input, a checkpoint's restore target)."""
-    graphdef, params = abstract_params(model_config, mesh)
+    shape of training on ``mesh`` without allocating it (a dry-run input, a checkpoint's restore target).
+    A LoRA policy's state holds its adapters only (``abstract_policy`` gives the frozen base)."""
+    graphdef, params, _ = abstract_policy(model_config, mesh)
     opt_state = jax.eval_shape(tx.init, params)
     opt_state = _abstract(opt_state, opt_state_shardings(tx, params, jax.tree.map(lambda x: x.sharding, params), mesh))
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -68,32 +88,36 @@ def build_train_step(
     state_shardings,
     micro_batches: int = 1,
     spec: steps.DpoLossSpec | None = None,
+    reference_logprob_fn: steps.LogprobFn | None = None,
+    reference_is_frozen: bool = False,
+    dropout: bool = False,
 ):
-    """The jitted ``(state, batch, ref_params=None) -> (state, metrics)`` of ``task`` (sft | dpo).
+    """The jitted ``(state, batch, ref_params=None, frozen=None) -> (state, metrics)`` of ``task`` (sft | dpo).
 
     The output state is pinned to ``state_shardings`` and the input state donated,
     so its buffers are reused in place step after step (batches arrive sharded).
-    ``ref_params`` is DPO's frozen reference (None: precomputed or reference-free).
+    ``ref_params`` is DPO's frozen reference (None: precomputed or reference-free)
+    under ``reference_logprob_fn`` (default: the policy's); ``frozen`` a LoRA
+    policy's base. ``reference_is_frozen``: the reference *is* the base (adapters
+    off), so the step holds one copy of the weights, not two. ``dropout``: draw the
+    policy's dropout masks from the state's key.
     """
-    if task == "sft":
-        sft = functools.partial(
-            steps.sft_step, logprob_fn=logprob_fn, tx=tx, schedule=schedule, num_micro_batches=micro_batches
-        )
-
-        def step(state, batch, ref_params=None):
-            return sft(state, batch)
-    elif task == "dpo":
-        dpo = functools.partial(
-            steps.dpo_step,
-            logprob_fn=logprob_fn,
-            tx=tx,
-            schedule=schedule,
-            spec=spec or steps.DpoLossSpec(),
-            num_micro_batches=micro_batches,
-        )
-
-        def step(state, batch, ref_params=None):
-            return dpo(state, batch, ref_params=ref_params)
-    else:
+    if task not in ("sft", "dpo"):
         raise ValueError(f"unknown task {task!r}: sft or dpo")
+    common = dict(tx=tx, schedule=schedule, num_micro_batches=micro_batches, dropout=dropout)
+
+    def step(state, batch, ref_params=None, frozen=None):
+        policy = steps.bind_frozen(logprob_fn, frozen)
+        if task == "sft":
+            return steps.sft_step(state, batch, logprob_fn=policy, **common)
+        return steps.dpo_step(
+            state,
+            batch,
+            logprob_fn=policy,
+            spec=spec or steps.DpoLossSpec(),
+            ref_params=frozen if reference_is_frozen else ref_params,
+            ref_logprob_fn=reference_logprob_fn,
+            **common,
+        )
+
     return jax.jit(step, out_shardings=(state_shardings, None), donate_argnums=(0,))

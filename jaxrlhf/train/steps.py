@@ -8,7 +8,10 @@ summed per-pair losses by the global number of pairs, so 8x1 accumulation equals
 1x8 up to float rounding (never a mean of means).
 
 Steps are pure and model-agnostic: ``logprob_fn(params, tokens, positions,
-segment_ids) -> token_lp [b, T]`` is the only thing they know of the model.
+segment_ids) -> token_lp [b, T]`` is the only thing they know of the model
+(plus ``rng=`` for the training forward of a model with dropout). A LoRA
+policy's ``params`` are its adapters; ``bind_frozen`` closes the logprob_fn over
+the frozen base, an argument of the jitted step like the adapters themselves.
 """
 
 from __future__ import annotations
@@ -24,7 +27,24 @@ from flax import struct
 
 from jaxrlhf.ops import logprobs, losses
 
-LogprobFn = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]
+LogprobFn = Callable[..., jax.Array]  # (params, tokens, positions, segment_ids, rng=None) -> token_lp
+DROPOUT_RNG = "dropout_rng"  # a micro-batch's dropout key, when the policy has dropout
+
+
+def bind_frozen(logprob_fn: LogprobFn, frozen) -> LogprobFn:
+    """``logprob_fn`` of the trained parameters alone, for a policy whose other half (``frozen``) is fixed."""
+    if frozen is None:
+        return logprob_fn
+    return lambda params, *args, **kwargs: logprob_fn((params, frozen), *args, **kwargs)
+
+
+def _dropout(mb: dict) -> dict:
+    return {"rng": mb[DROPOUT_RNG]} if DROPOUT_RNG in mb else {}
+
+
+def _step_rng(state) -> jax.Array:
+    """This step's dropout key: a function of the checkpointed key and step, so resumed runs redraw the same masks."""
+    return jax.random.fold_in(state.rng, state.step)
 
 
 @struct.dataclass
@@ -78,6 +98,13 @@ def split_micro_batches(batch: dict, num_micro_batches: int) -> dict:
     return jax.tree.map(split, batch)
 
 
+def _with_rngs(micro_batches: dict, num_micro_batches: int, rng) -> dict:
+    """One dropout key per micro-batch (none without dropout)."""
+    if rng is None:
+        return micro_batches
+    return {**micro_batches, DROPOUT_RNG: jax.random.split(rng, num_micro_batches)}
+
+
 def _accumulate(loss_and_grad, params, micro_batches):
     """Sum (loss, grads, metrics) of ``loss_and_grad(params, micro_batch)`` over the micro-batches."""
 
@@ -103,19 +130,19 @@ def _apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation)
     return state.replace(params=params, opt_state=opt_state, step=state.step + 1)
 
 
-def sft_gradients(params, batch: dict, *, logprob_fn: LogprobFn, num_micro_batches: int = 1):
-    """Loss and gradients of SFT on a global batch ``[B, T]``, accumulated over micro-batches."""
+def sft_gradients(params, batch: dict, *, logprob_fn: LogprobFn, num_micro_batches: int = 1, rng=None):
+    """Loss and gradients of SFT on a global batch ``[B, T]``, accumulated over micro-batches (``rng``: dropout)."""
     normalizer = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
 
     def loss_and_grad(params, mb):
         def loss_fn(params):
-            token_lp = logprob_fn(params, mb["tokens"], mb["positions"], mb["segment_ids"])
+            token_lp = logprob_fn(params, mb["tokens"], mb["positions"], mb["segment_ids"], **_dropout(mb))
             loss, metrics = losses.sft_loss(token_lp, mb["loss_mask"], normalizer=normalizer)
             return loss, {"trained_tokens": metrics["trained_tokens"]}
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-    return _accumulate(loss_and_grad, params, split_micro_batches(batch, num_micro_batches))
+    return _accumulate(loss_and_grad, params, _with_rngs(split_micro_batches(batch, num_micro_batches), num_micro_batches, rng))
 
 
 def sft_step(
@@ -126,9 +153,13 @@ def sft_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     num_micro_batches: int = 1,
+    dropout: bool = False,
 ):
-    """One optimizer step of SFT on a global batch of ``[B, T]`` arrays."""
-    loss, grads, sums = sft_gradients(state.params, batch, logprob_fn=logprob_fn, num_micro_batches=num_micro_batches)
+    """One optimizer step of SFT on a global batch of ``[B, T]`` arrays (``dropout``: the policy has some)."""
+    loss, grads, sums = sft_gradients(
+        state.params, batch, logprob_fn=logprob_fn, num_micro_batches=num_micro_batches,
+        rng=_step_rng(state) if dropout else None,
+    )  # fmt: skip
     metrics = {
         "loss": loss,
         "grad_norm": optax.tree.norm(grads),
@@ -139,11 +170,11 @@ def sft_step(
     return _apply_gradients(state, grads, tx), metrics
 
 
-def pair_logps(logprob_fn: LogprobFn, params, mb: dict) -> tuple[jax.Array, jax.Array]:
+def pair_logps(logprob_fn: LogprobFn, params, mb: dict, **kwargs) -> tuple[jax.Array, jax.Array]:
     """Summed log-probs ``[b, 2]`` of chosen (0) and rejected (1) in one forward pass, and lengths ``[b, 2]``."""
     b, two, length = mb["tokens"].shape
     flat = {k: mb[k].reshape(b * two, length) for k in ("tokens", "positions", "segment_ids", "loss_mask")}
-    token_lp = logprob_fn(params, flat["tokens"], flat["positions"], flat["segment_ids"])
+    token_lp = logprob_fn(params, flat["tokens"], flat["positions"], flat["segment_ids"], **kwargs)
     seq = logprobs.sequence_logprobs(token_lp, flat["loss_mask"]).reshape(b, two)
     lengths = jnp.sum(mb["loss_mask"], axis=-1).astype(jnp.float32)
     return seq, lengths
@@ -183,14 +214,18 @@ def dpo_gradients(
     logprob_fn: LogprobFn,
     spec: DpoLossSpec,
     ref_params=None,
+    ref_logprob_fn: LogprobFn | None = None,
     num_micro_batches: int = 1,
+    rng=None,
 ):
     """Loss, gradients and summed metrics of DPO on a global batch ``[B, 2, T]``.
 
     The reference comes from ``batch["ref_logps"]`` ``[B, 2]`` when present
-    (precomputed), else from ``ref_params`` (frozen, same forward), else it is 0
-    (reference-free).
+    (precomputed), else from ``ref_params`` under ``ref_logprob_fn`` (default:
+    the policy's; a LoRA policy's reference is its base, adapters off), else it
+    is 0 (reference-free). ``rng``: the policy's dropout, never the reference's.
     """
+    ref_logprob_fn = ref_logprob_fn or logprob_fn
     num_pairs = batch["tokens"].shape[0]
     chosen_tokens_per_pair = jnp.maximum(jnp.sum(batch["loss_mask"][:, 0].astype(jnp.float32)), 1.0) / num_pairs
 
@@ -198,12 +233,12 @@ def dpo_gradients(
         if "ref_logps" in mb:
             reference = mb["ref_logps"].astype(jnp.float32)
         elif ref_params is not None:
-            reference = jax.lax.stop_gradient(pair_logps(logprob_fn, ref_params, mb)[0])
+            reference = jax.lax.stop_gradient(pair_logps(ref_logprob_fn, ref_params, mb)[0])
         else:
             reference = jnp.zeros(mb["tokens"].shape[:2], jnp.float32)
 
         def loss_fn(params):
-            policy, lengths = pair_logps(logprob_fn, params, mb)
+            policy, lengths = pair_logps(logprob_fn, params, mb, **_dropout(mb))
             total, metrics = dpo_pair_terms(
                 policy, reference, lengths, spec, chosen_tokens_per_pair=chosen_tokens_per_pair
             )
@@ -212,7 +247,7 @@ def dpo_gradients(
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-    return _accumulate(loss_and_grad, params, split_micro_batches(batch, num_micro_batches))
+    return _accumulate(loss_and_grad, params, _with_rngs(split_micro_batches(batch, num_micro_batches), num_micro_batches, rng))
 
 
 def dpo_step(
@@ -224,16 +259,20 @@ def dpo_step(
     schedule: optax.Schedule,
     spec: DpoLossSpec,
     ref_params=None,
+    ref_logprob_fn: LogprobFn | None = None,
     num_micro_batches: int = 1,
+    dropout: bool = False,
 ):
-    """One optimizer step of DPO on a global batch of ``[B, 2, T]`` arrays."""
+    """One optimizer step of DPO on a global batch of ``[B, 2, T]`` arrays (``dropout``: the policy has some)."""
     loss, grads, sums = dpo_gradients(
         state.params,
         batch,
         logprob_fn=logprob_fn,
         spec=spec,
         ref_params=ref_params,
+        ref_logprob_fn=ref_logprob_fn,
         num_micro_batches=num_micro_batches,
+        rng=_step_rng(state) if dropout else None,
     )
     num_pairs = batch["tokens"].shape[0]
     metrics = {key: sums[key] / num_pairs for key in losses.DPO_METRIC_KEYS}
@@ -265,7 +304,9 @@ def sft_eval_sums(params, batch: dict, *, logprob_fn: LogprobFn, num_micro_batch
     return jax.tree.map(lambda x: x.sum(0), _per_micro_batch(sums, batch, num_micro_batches))
 
 
-def dpo_eval_pairs(params, batch: dict, *, logprob_fn: LogprobFn, ref_params=None, num_micro_batches: int = 1) -> dict:
+def dpo_eval_pairs(
+    params, batch: dict, *, logprob_fn: LogprobFn, ref_params=None, ref_logprob_fn=None, num_micro_batches: int = 1
+) -> dict:
     """Per-pair policy/reference log-probs and lengths ``[B, 2]`` of an eval batch, with its ``pair_mask``.
 
     Aggregation happens on the host, where padding pairs are masked out; the mask
@@ -277,7 +318,7 @@ def dpo_eval_pairs(params, batch: dict, *, logprob_fn: LogprobFn, ref_params=Non
         if "ref_logps" in mb:
             reference = mb["ref_logps"].astype(jnp.float32)
         elif ref_params is not None:
-            reference = pair_logps(logprob_fn, ref_params, mb)[0]
+            reference = pair_logps(ref_logprob_fn or logprob_fn, ref_params, mb)[0]
         else:
             reference = jnp.zeros_like(policy)
         return {"policy": policy, "reference": reference, "lengths": lengths, "pair_mask": mb["pair_mask"]}

@@ -21,7 +21,7 @@ ACCELERATORS: dict[str, float] = {
     "h100": 80, "h200": 141, "a100-40gb": 40, "a100-80gb": 80, "b200": 180,
     "tpu-v4": 32, "tpu-v5e": 16, "tpu-v5p": 95, "tpu-v6e": 32, "laptop-cpu": 16,
 }  # fmt: skip
-_PARTS = ("parameters", "optimizer", "reference", "batch", "temporaries")
+_PARTS = ("parameters", "frozen", "optimizer", "reference", "batch", "temporaries")
 _MAX_CANDIDATES = 10
 
 
