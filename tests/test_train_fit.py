@@ -46,7 +46,9 @@ def test_every_shipped_config_fits_its_stated_hardware(path):
     gib = {m[1]: float(m[2]) for m in re.finditer(r"│ (\w+) +│ +([\d.]+) │", out.stdout)}
     # f32 master weights and two f32 Adam moments, each sharded the same way (3 printed decimals).
     assert gib["optimizer"] == pytest.approx(2 * gib["parameters"], abs=2e-3), gib
-    if task == "dpo" and config.dpo.reference == "model":
+    if config.model.lora is not None:  # the base is frozen, and it is DPO's reference (no second copy)
+        assert gib["frozen"] > 10 * gib["parameters"] and gib["reference"] == 0, gib
+    elif task == "dpo" and config.dpo.reference == "model":
         assert gib["reference"] > 0
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from jaxrlhf import cli
 from jaxrlhf.commands.dpo import run_dpo
+from jaxrlhf.commands.export import ExportConfig, run_export
 from jaxrlhf.commands.sft import run_sft
 from jaxrlhf.config import dump_config
 from jaxrlhf.models import ModelConfig, make_logprob_fn
@@ -24,6 +25,7 @@ from jaxrlhf.train.run_config import LoraArgs
 from jaxrlhf.train.step_assembly import abstract_params, abstract_policy, abstract_train_state, build_train_step
 from jaxrlhf.train.steps import DpoLossSpec
 from jax.sharding import NamedSharding, PartitionSpec
+from safetensors.numpy import load_file
 from train_fixtures import dpo_config, sft_config
 
 pytestmark = pytest.mark.slow
@@ -73,6 +75,17 @@ def test_lora_run_exports_merged_and_adapter_folders(base_model, tmp_path):
     adapter = json.loads((run_dir / "hf_adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["lora_alpha"] == 8.0 and adapter["base_model_name_or_path"] == base_model
     assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    # `jaxrlhf export` of the last checkpoint writes the same two folders (adapter by default, --merge true merged).
+    exported = {
+        "hf_adapter": run_export(ExportConfig(run_dir=str(run_dir), out=str(tmp_path / "adapter"))),
+        "hf": run_export(ExportConfig(run_dir=str(run_dir), merge=True, out=str(tmp_path / "merged"))),
+    }
+    for name, folder in exported.items():
+        (want,), (got,) = (run_dir / name).glob("*.safetensors"), folder.glob("*.safetensors")
+        want, got = load_file(str(want)), load_file(str(got))
+        assert sorted(want) == sorted(got)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
 def _tiny(vocab=512, hidden=256, layers=4) -> ModelConfig:
