@@ -59,8 +59,18 @@ def reference_per_pair(name, pc, pr, rc, rr, beta, eps, lc, lr, tau=0.05):
         return -log_sigmoid(x) * (1 - m) + np.exp(-x) * m
     if name == "sigmoid_norm":
         return -log_sigmoid(beta * (cl / lc - rl / lr))
+    nll_share = -pc * len(pc) / lc.sum()  # each pair's share of the chosen replies' token-mean NLL
     if name == "sft":
         return np.full_like(pc, -pc.sum() / lc.sum())
+    smoothed = lambda z: -(1 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z)  # noqa: E731
+    if name == "orpo":  # orpo_lambda 0.1 (the default), on mean log-probs per token
+        ac, ar = pc / lc, pr / lr
+        log_odds = (ac - ar) - (np.log(-np.expm1(ac)) - np.log(-np.expm1(ar)))
+        return nll_share - 0.1 * log_sigmoid(log_odds)
+    if name == "simpo":  # simpo_gamma 0.5 (the default)
+        return smoothed(beta * (pc / lc - pr / lr) - 0.5)
+    if name == "cpo":  # cpo_alpha 1.0 (the default), on summed log-probs
+        return smoothed(beta * (pc - pr)) + 1.0 * nll_share
     raise AssertionError(name)
 
 
@@ -96,7 +106,8 @@ def test_each_dpo_loss_matches_its_float64_reference(name, beta, eps):
     if name in ("aot", "aot_unpaired"):
         assert "per_pair_loss" not in metrics
     else:
-        np.testing.assert_allclose(metrics["per_pair_loss"], want if name != "sft" else -pc * len(pc) / lc.sum(), rtol=2e-5, atol=1e-6)
+        per_pair = want if name != "sft" else -pc * len(pc) / lc.sum()
+        np.testing.assert_allclose(metrics["per_pair_loss"], per_pair, rtol=2e-5, atol=1e-6)
 
 
 def test_reward_metrics():

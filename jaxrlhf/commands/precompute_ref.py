@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import jax
@@ -9,6 +10,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from jaxrlhf.config import ConfigError
 from jaxrlhf.data import make_iterator
 from jaxrlhf.models import make_logprob_fn
 from jaxrlhf.parallel.distributed import initialize_distributed
@@ -23,12 +25,17 @@ __all__ = ["DpoConfig", "run_precompute_ref"]
 
 
 def run_precompute_ref(config: DpoConfig) -> pathlib.Path:
+    if config.dpo.spec().reference_free:
+        raise ConfigError(
+            f"dpo.loss_type {config.dpo.loss_type} is reference-free: there are no reference log-probs to precompute"
+        )
     d = config.distributed
     initialize_distributed(d.coordinator_address, d.num_processes, d.process_id, force=d.force)
     mesh = make_mesh(config.mesh)
     model_path = config.reference_model_path()
+    # A LoRA policy's reference is its base, adapters off: the model without them.
     reference, ref_config = load_model(
-        config.model, model_path, mesh, param_dtype=config.dpo.reference_dtype, tokenizer=config.data.tokenizer,
+        dataclasses.replace(config.model, lora=None), model_path, mesh, param_dtype=config.dpo.reference_dtype, tokenizer=config.data.tokenizer,
         sequence_parallel=config.mesh.sequence_parallel,
     )  # fmt: skip
     check_vocabularies(config, ref_config)

@@ -92,42 +92,43 @@ def hf_module_name(target: str, layer: int) -> str:
 def resolve_targets(target_modules: str | Sequence[str], num_layers: int) -> tuple[str, ...]:
     """peft's ``target_modules`` -> our target names.
 
-    A list matches module names ending in ``.<entry>`` (so ``q_proj`` or
-    ``self_attn.q_proj``); ``all-linear`` means every linear layer but the head;
-    any other string is a regex that must ``fullmatch`` module names as
-    transformers names them (``model.layers.0.self_attn.q_proj``). Layers are
-    stacked, so a projection is adapted in every layer or in none.
+    A list matches module names equal to an entry or ending in ``.<entry>`` (so
+    ``q_proj``, ``self_attn.q_proj`` or ``model.layers.0.self_attn.q_proj``:
+    peft saves ``all-linear`` of a small model as every module's full name);
+    ``all-linear`` means every linear layer but the head; any other string is a
+    regex that must ``fullmatch`` module names as transformers names them
+    (``model.layers.0.self_attn.q_proj``). Layers are stacked, so a projection
+    is adapted in every layer or in none.
     """
-    if isinstance(target_modules, str) and target_modules != ALL_LINEAR:
-        layers_of = {t: {i for i in range(num_layers) if re.fullmatch(target_modules, hf_module_name(t, i))} for t in TARGETS}
-        partial = {t: sorted(ls) for t, ls in layers_of.items() if ls and len(ls) < num_layers}
-        if partial:
-            raise ValueError(
-                f"model.lora.target_modules {target_modules!r} selects {', '.join(partial)} in some layers only "
-                f"(layers {next(iter(partial.values()))[:8]}...): adapters are stacked over all layers; match every layer"
-            )
-        found = tuple(t for t in TARGETS if layers_of[t])
-        if not found:
-            raise ValueError(
-                f"model.lora.target_modules regex {target_modules!r} matches no linear layer "
-                f"(names like {hf_module_name('q_proj', 0)}; or list {', '.join(TARGETS)}, or all-linear)"
-            )
-        return found
     entries = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     if ALL_LINEAR in entries:
         return TARGETS
-    found, unmatched = set(), []
-    for entry in entries:
-        hits = {t for t in TARGETS if hf_module_name(t, 0).endswith("." + entry)}
-        found |= hits
-        if not hits:
-            unmatched.append(entry)
+    regex = isinstance(target_modules, str)
+
+    def matches(entry: str, name: str) -> bool:
+        return bool(re.fullmatch(entry, name)) if regex else name == entry or name.endswith("." + entry)
+
+    names = {(t, i): hf_module_name(t, i) for t in TARGETS for i in range(num_layers)}
+    layers_of = {t: {i for i in range(num_layers) if any(matches(e, names[t, i]) for e in entries)} for t in TARGETS}
+    partial = {t: sorted(ls) for t, ls in layers_of.items() if ls and len(ls) < num_layers}
+    if partial:
+        raise ValueError(
+            f"model.lora.target_modules {target_modules!r} selects {', '.join(partial)} in some layers only "
+            f"(layers {next(iter(partial.values()))[:8]}...): adapters are stacked over all layers; match every layer"
+        )
+    found = tuple(t for t in TARGETS if layers_of[t])
+    if regex and not found:
+        raise ValueError(
+            f"model.lora.target_modules regex {target_modules!r} matches no linear layer "
+            f"(names like {hf_module_name('q_proj', 0)}; or list {', '.join(TARGETS)}, or all-linear)"
+        )
+    unmatched = [e for e in entries if not any(matches(e, name) for name in names.values())]
     if unmatched or not found:
         raise ValueError(
             f"model.lora.target_modules {unmatched or entries} match no linear layer of the decoder; "
             f"use names from {', '.join(TARGETS)}, all-linear, or a regex"
         )
-    return tuple(t for t in TARGETS if t in found)
+    return found
 
 
 class QuantizedWeight(nnx.Variable):

@@ -4,7 +4,9 @@
 token they are about, see ``logprobs``). ``dpo_loss`` takes per-pair summed
 log-probs ``[B]`` and selects its formula from ``DPO_LOSSES``, a registry of
 the variants TRL documents; ``loss_type`` may also be a list combined with
-``loss_weights`` (``["sigmoid", "sft"]`` is RPO).
+``loss_weights`` (``["sigmoid", "sft"]`` is RPO). ``orpo``, ``simpo`` and ``cpo``
+(with ``sft``) read the policy's log-probs alone (``REFERENCE_FREE``): a trainer
+selecting only those needs no reference model.
 
 All checks on arguments happen at trace time and raise ``ValueError``.
 """
@@ -17,7 +19,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-__all__ = ["sft_loss", "dpo_loss", "DPO_LOSSES", "DPO_METRIC_KEYS", "PairInputs"]
+__all__ = ["sft_loss", "dpo_loss", "dpo_metric_keys", "DPO_LOSSES", "DPO_METRIC_KEYS", "REFERENCE_FREE", "PairInputs"]
 
 DPO_METRIC_KEYS = (
     "rewards/chosen",
@@ -64,6 +66,9 @@ class PairInputs:
     rejected_lengths: jax.Array | None
     discopop_tau: float
     chosen_tokens_per_pair: jax.Array | float | None = None
+    orpo_lambda: float = 0.1
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
 
     @property
     def chosen_logratios(self):
@@ -88,6 +93,11 @@ class PairInputs:
             jnp.maximum(self.chosen_lengths.astype(jnp.float32), 1.0),
             jnp.maximum(self.rejected_lengths.astype(jnp.float32), 1.0),
         )
+
+    def average_logps(self, loss_type: str):
+        """The policy's mean log-prob per trained token of chosen and rejected (SimPO's and ORPO's)."""
+        chosen_len, rejected_len = self.lengths(loss_type)
+        return self.policy_chosen / chosen_len, self.policy_rejected / rejected_len
 
 
 def _smoothed_sigmoid(x, eps):
@@ -201,6 +211,38 @@ def _sft(p: PairInputs):
     return -p.policy_chosen / per_pair
 
 
+def _log1mexp(x):
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler 2012); x = 0 (a probability of 1) is clipped."""
+    x = jnp.minimum(x, -1e-7)
+    return jnp.where(x > -jnp.log(2.0), jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+def orpo_log_odds(p: PairInputs):
+    """ORPO's log odds ratio of chosen over rejected, on mean per-token log-probs (eqs. 4 and 7 of Hong et al.)."""
+    chosen, rejected = p.average_logps("orpo")
+    return (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+
+
+def _orpo(p: PairInputs):
+    """ORPO, Hong et al. 2024 (arXiv:2403.07691): the chosen reply's token-mean NLL plus ``orpo_lambda`` x
+    -log sigmoid(log odds ratio). Reference-free. (TRL's ORPOConfig names the weight ``beta``.)"""
+    return _sft(p) - p.orpo_lambda * jax.nn.log_sigmoid(orpo_log_odds(p))
+
+
+def _simpo(p: PairInputs):
+    """SimPO, Meng et al. 2024 (arXiv:2405.14734): -log sigmoid(beta x (mean logp chosen - mean logp rejected)
+    - simpo_gamma), label-smoothed as TRL's CPOTrainer. Reference-free."""
+    chosen, rejected = p.average_logps("simpo")
+    return _smoothed_sigmoid(p.beta * (chosen - rejected) - p.simpo_gamma, p.label_smoothing)
+
+
+def _cpo(p: PairInputs):
+    """CPO, Xu et al. 2024 (arXiv:2401.08417): sigmoid DPO on the policy's summed log-probs alone plus
+    ``cpo_alpha`` x the chosen reply's token-mean NLL. TRL's CPO with ``loss_type="simpo"`` is
+    ``loss_type: [simpo, sft]`` with ``loss_weights: [1, cpo_alpha]``. Reference-free."""
+    return _smoothed_sigmoid(p.beta * (p.policy_chosen - p.policy_rejected), p.label_smoothing) + p.cpo_alpha * _sft(p)
+
+
 DPO_LOSSES: dict[str, Callable[[PairInputs], jax.Array]] = {
     "sigmoid": _sigmoid,
     "robust": _robust,
@@ -217,8 +259,34 @@ DPO_LOSSES: dict[str, Callable[[PairInputs], jax.Array]] = {
     "discopop": _discopop,
     "sigmoid_norm": _sigmoid_norm,
     "sft": _sft,
+    "orpo": _orpo,
+    "simpo": _simpo,
+    "cpo": _cpo,
 }
 _SORTED_ACROSS_BATCH = frozenset({"aot", "aot_unpaired"})
+REFERENCE_FREE = frozenset({"orpo", "simpo", "cpo", "sft"})
+# Extra metrics, as TRL logs them: ORPO's odds-ratio terms, the NLL term of ORPO and CPO.
+_EXTRA_METRICS = {"orpo": ("log_odds_ratio", "log_odds_chosen", "nll_loss"), "cpo": ("nll_loss",)}
+
+
+def dpo_metric_keys(loss_type) -> tuple[str, ...]:
+    """The batch-mean metric keys ``dpo_loss`` returns for ``loss_type`` (``DPO_METRIC_KEYS`` and extras)."""
+    names = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    extra = [key for name in names for key in _EXTRA_METRICS.get(name, ())]
+    return DPO_METRIC_KEYS + tuple(dict.fromkeys(extra))
+
+
+def _rewards(names: tuple[str, ...], p: PairInputs):
+    """Implicit rewards as TRL logs them: ``beta x`` log-ratios to the reference; the reference-free losses
+    of the first type listed: SimPO ``beta x`` mean log-probs, ORPO ``orpo_lambda x`` mean log-probs."""
+    first = next((name for name in names if name in ("orpo", "simpo")), None)
+    if first == "simpo":
+        chosen, rejected = p.average_logps("simpo")
+        return p.beta * chosen, p.beta * rejected
+    if first == "orpo":
+        chosen, rejected = p.average_logps("orpo")
+        return p.orpo_lambda * chosen, p.orpo_lambda * rejected
+    return p.beta * p.chosen_logratios, p.beta * p.rejected_logratios
 
 
 def normalise_loss_types(loss_type, loss_weights=None) -> tuple[tuple[str, ...], tuple[float, ...]]:
@@ -252,15 +320,22 @@ def dpo_loss(
     loss_weights: Sequence[float] | None = None,
     discopop_tau: float = 0.05,
     chosen_tokens_per_pair: jax.Array | float | None = None,
+    orpo_lambda: float = 0.1,
+    simpo_gamma: float = 0.5,
+    cpo_alpha: float = 1.0,
 ):
     """Preference loss over pairs of summed log-probs ``[B]``; the loss is the mean over pairs.
 
-    ``ref_*`` may be zeros for reference-free training. ``*_lengths`` are the
-    numbers of trained tokens per response, needed by ``ipo``, ``sigmoid_norm``
-    and ``sft``; ``chosen_tokens_per_pair`` overrides the ``sft`` denominator (the
-    global batch's mean chosen length, when accumulating micro-batches). Metrics hold ``DPO_METRIC_KEYS`` (batch means; rewards are
-    ``beta * (policy - ref)``) and, unless a batch-coupled loss (``aot*``) is
-    selected, ``per_pair_loss`` ``[B]`` for callers that weight or mask pairs.
+    ``ref_*`` may be zeros for reference-free training (``orpo``, ``simpo``,
+    ``cpo`` never read them). ``*_lengths`` are the numbers of trained tokens per
+    response, needed by ``ipo``, ``sigmoid_norm``, ``simpo``, ``orpo``, ``cpo`` and
+    ``sft``; ``chosen_tokens_per_pair`` overrides the NLL terms' denominator (the
+    global batch's mean chosen length, when accumulating micro-batches).
+    ``orpo_lambda`` (> 0) weighs ORPO's odds-ratio term, ``simpo_gamma`` (>= 0) is
+    SimPO's target margin, ``cpo_alpha`` (>= 0) CPO's NLL weight. Metrics hold
+    ``dpo_metric_keys(loss_type)`` (batch means; rewards as ``_rewards`` says) and,
+    unless a batch-coupled loss (``aot*``) is selected, ``per_pair_loss`` ``[B]``
+    for callers that weight or mask pairs.
     """
     names, weights = normalise_loss_types(loss_type, loss_weights)
     beta = float(beta)
@@ -273,6 +348,12 @@ def dpo_loss(
         raise ValueError("loss_type exo_pair needs label_smoothing > 0 (EXO's epsilon, e.g. 1e-3), as in TRL")
     if not discopop_tau > 0:
         raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
+    if not orpo_lambda > 0:
+        raise ValueError(f"orpo_lambda must be > 0, got {orpo_lambda}")
+    if not simpo_gamma >= 0:
+        raise ValueError(f"simpo_gamma must be >= 0, got {simpo_gamma}")
+    if not cpo_alpha >= 0:
+        raise ValueError(f"cpo_alpha must be >= 0, got {cpo_alpha}")
     arrays = {
         "policy_chosen": policy_chosen,
         "policy_rejected": policy_rejected,
@@ -299,12 +380,14 @@ def dpo_loss(
         rejected_lengths=f32(rejected_lengths),
         discopop_tau=float(discopop_tau),
         chosen_tokens_per_pair=chosen_tokens_per_pair,
+        orpo_lambda=float(orpo_lambda),
+        simpo_gamma=float(simpo_gamma),
+        cpo_alpha=float(cpo_alpha),
     )
     per_pair = sum(w * DPO_LOSSES[name](pairs) for name, w in zip(names, weights))
     loss = jnp.mean(per_pair)
 
-    chosen_rewards = jax.lax.stop_gradient(beta * pairs.chosen_logratios)
-    rejected_rewards = jax.lax.stop_gradient(beta * pairs.rejected_logratios)
+    chosen_rewards, rejected_rewards = jax.lax.stop_gradient(_rewards(names, pairs))
     metrics = {
         "loss": loss,
         "rewards/chosen": jnp.mean(chosen_rewards),
@@ -314,6 +397,12 @@ def dpo_loss(
         "logps/chosen": jnp.mean(jax.lax.stop_gradient(pairs.policy_chosen)),
         "logps/rejected": jnp.mean(jax.lax.stop_gradient(pairs.policy_rejected)),
     }
+    if "orpo" in names:
+        log_odds = jax.lax.stop_gradient(orpo_log_odds(pairs))
+        metrics["log_odds_ratio"] = jnp.mean(jax.nn.log_sigmoid(log_odds))
+        metrics["log_odds_chosen"] = jnp.mean(log_odds)
+    if {"orpo", "cpo"} & set(names):
+        metrics["nll_loss"] = jnp.mean(jax.lax.stop_gradient(_sft(pairs)))
     if not _SORTED_ACROSS_BATCH.intersection(names):
         metrics["per_pair_loss"] = per_pair
     return loss, metrics

@@ -216,14 +216,14 @@ class Run:
 def reference_is_base(config: DpoConfig) -> bool:
     """A LoRA policy's reference model is its base with the adapters off (TRL's default with peft), unless
     dpo.reference_path names another model."""
-    return config.model.lora is not None and config.dpo.reference == "model" and not config.dpo.reference_path
+    return config.model.lora is not None and config.reference_setting() == "model" and not config.dpo.reference_path
 
 
 def _reference(config: DpoConfig, mesh):
     """``(ref_params, host_transform)`` of the DPO reference setting."""
     if reference_is_base(config):
         return None, None
-    if config.dpo.reference == "model":
+    if config.reference_setting() == "model":
         reference, _ = load_model(
             dataclasses.replace(config.model, lora=None),
             config.reference_model_path(),
@@ -233,7 +233,7 @@ def _reference(config: DpoConfig, mesh):
             sequence_parallel=config.mesh.sequence_parallel,
         )
         return nnx.split(reference)[1], None
-    if config.dpo.reference == "precomputed":
+    if config.reference_setting() == "precomputed":
         table = ReferenceTable(
             config.reference_folder(),
             model_path=config.reference_model_path(),

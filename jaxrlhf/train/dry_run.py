@@ -81,7 +81,7 @@ def _abstract_batch(config: TrainConfig, task: str, rows: int, mesh, *, eval_: b
         key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, len(shape)))
         for key in ("tokens", "loss_mask", "segment_ids", "positions")
     }
-    if task == "dpo" and config.dpo.reference == "precomputed":
+    if task == "dpo" and config.reference_setting() == "precomputed":
         batch["ref_logps"] = jax.ShapeDtypeStruct(shape[:2], jnp.float32, sharding=batch_sharding(mesh, 2))
     if task == "dpo" and eval_:
         batch["pair_mask"] = jax.ShapeDtypeStruct(shape[:1], jnp.int32, sharding=batch_sharding(mesh, 1))
@@ -107,7 +107,7 @@ def plan(config: TrainConfig, task: str) -> dict:
     ref_params, reference_bytes = None, 0
     base_reference = task == "dpo" and reference_is_base(config)
     base_fn = make_logprob_fn(base_graphdef(model_config), chunk_size=chunk_size, packed=packed) if base_reference else None
-    if task == "dpo" and config.dpo.reference == "model" and not base_reference:
+    if task == "dpo" and config.reference_setting() == "model" and not base_reference:
         ref_config = model_config_of(
             dataclasses.replace(config.model, lora=None), config.reference_model_path(),
             param_dtype=config.dpo.reference_dtype, tokenizer=config.data.tokenizer,

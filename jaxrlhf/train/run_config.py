@@ -145,12 +145,20 @@ class SftConfig(TrainConfig):
 class DpoArgs:
     beta: float = 0.1
     loss_type: list[str] = dataclasses.field(default_factory=lambda: ["sigmoid"])
-    """One or more of jaxrlhf.ops.losses.DPO_LOSSES; several are summed with loss_weights."""
+    """One or more of jaxrlhf.ops.losses.DPO_LOSSES; several are summed with loss_weights. orpo, simpo and cpo
+    (with sft) read the policy alone: when only those are selected, no reference is loaded or run."""
     loss_weights: list[float] | None = None
     label_smoothing: float = 0.0
     discopop_tau: float = 0.05
+    orpo_lambda: float = 0.1
+    """orpo: weight of the odds-ratio term next to the NLL (TRL's ORPOConfig.beta)."""
+    simpo_gamma: float = 0.5
+    """simpo: the target reward margin gamma (>= 0); SimPO's paper pairs it with beta around 2."""
+    cpo_alpha: float = 1.0
+    """cpo: weight of the chosen reply's NLL (TRL's CPOConfig.cpo_alpha)."""
     reference: str = "model"
-    """model: a frozen reference in the same step | precomputed: from `jaxrlhf precompute-ref` | none: reference-free."""
+    """model: a frozen reference in the same step | precomputed: from `jaxrlhf precompute-ref` | none: reference-free.
+    Ignored (nothing loaded) when every loss_type is reference-free."""
     reference_logps: str = ""
     """Folder of precomputed reference log-probs; empty = <run_dir>/ref_logps."""
     reference_path: str = ""
@@ -169,6 +177,9 @@ class DpoArgs:
                 loss_weights=None if self.loss_weights is None else tuple(self.loss_weights),
                 label_smoothing=self.label_smoothing,
                 discopop_tau=self.discopop_tau,
+                orpo_lambda=self.orpo_lambda,
+                simpo_gamma=self.simpo_gamma,
+                cpo_alpha=self.cpo_alpha,
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None
@@ -184,6 +195,10 @@ class DpoArgs:
 class DpoConfig(TrainConfig):
     run_dir: str = "runs/dpo"
     dpo: DpoArgs = dataclasses.field(default_factory=DpoArgs)
+
+    def reference_setting(self) -> str:
+        """``dpo.reference``, or ``none`` when every selected loss is reference-free."""
+        return "none" if self.dpo.spec().reference_free else self.dpo.reference
 
     def reference_model_path(self) -> str:
         """The reference model's folder: dpo.reference_path, else the policy's starting point."""

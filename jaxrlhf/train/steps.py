@@ -64,6 +64,9 @@ class DpoLossSpec:
     loss_weights: tuple[float, ...] | None = None
     label_smoothing: float = 0.0
     discopop_tau: float = 0.05
+    orpo_lambda: float = 0.1
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
 
     def __post_init__(self):
         names, weights = losses.normalise_loss_types(self.loss_type, self.loss_weights)
@@ -75,6 +78,21 @@ class DpoLossSpec:
             raise ValueError(f"dpo label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if "exo_pair" in names and self.label_smoothing == 0:
             raise ValueError("dpo.loss_type exo_pair needs dpo.label_smoothing > 0 (EXO's epsilon, e.g. 1e-3), as in TRL")
+        if not self.orpo_lambda > 0:
+            raise ValueError(f"dpo.orpo_lambda must be > 0 (the weight of ORPO's odds-ratio term), got {self.orpo_lambda}")
+        if not self.simpo_gamma >= 0:
+            raise ValueError(f"dpo.simpo_gamma must be >= 0 (SimPO's target reward margin), got {self.simpo_gamma}")
+        if not self.cpo_alpha >= 0:
+            raise ValueError(f"dpo.cpo_alpha must be >= 0 (the weight of CPO's NLL term), got {self.cpo_alpha}")
+
+    @property
+    def reference_free(self) -> bool:
+        """Every selected loss reads the policy alone: no reference is loaded, precomputed or run."""
+        return set(self.loss_type) <= losses.REFERENCE_FREE
+
+    @property
+    def metric_keys(self) -> tuple[str, ...]:
+        return losses.dpo_metric_keys(self.loss_type)
 
     @property
     def sorts_across_batch(self) -> bool:
@@ -202,9 +220,12 @@ def dpo_pair_terms(
         rejected_lengths=lengths[:, 1],
         discopop_tau=spec.discopop_tau,
         chosen_tokens_per_pair=chosen_tokens_per_pair,
+        orpo_lambda=spec.orpo_lambda,
+        simpo_gamma=spec.simpo_gamma,
+        cpo_alpha=spec.cpo_alpha,
     )
     num_pairs = policy.shape[0]
-    return loss * num_pairs, {key: metrics[key] * num_pairs for key in losses.DPO_METRIC_KEYS}
+    return loss * num_pairs, {key: metrics[key] * num_pairs for key in spec.metric_keys}
 
 
 def dpo_gradients(
@@ -275,7 +296,7 @@ def dpo_step(
         rng=_step_rng(state) if dropout else None,
     )
     num_pairs = batch["tokens"].shape[0]
-    metrics = {key: sums[key] / num_pairs for key in losses.DPO_METRIC_KEYS}
+    metrics = {key: sums[key] / num_pairs for key in spec.metric_keys}
     metrics.update(
         loss=loss,
         grad_norm=optax.tree.norm(grads),
