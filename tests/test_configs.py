@@ -16,7 +16,8 @@ def test_there_are_configs():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_parses(path):
-    config_class = DpoConfig if "dpo" in path.name else SftConfig
+    is_dpo = "dpo" in path.name or "\ndpo:" in path.read_text()  # preference configs: demo_dpo, demo_simpo, ...
+    config_class = DpoConfig if is_dpo else SftConfig
     config = load_config(config_class, path)
     assert config.model.path and config.data.train
     if config_class is DpoConfig:

@@ -34,7 +34,7 @@ PRESET_OF = {"qwen2.5-0.5b": "qwen2.5-0.5b", "qwen2.5-1.5b": "qwen2.5-1.5b", "ll
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_fits_its_stated_hardware(path):
     """At its real shape, mesh and device count (fake CPU devices, in a process of its own)."""
-    task = "dpo" if "dpo" in path.name else "sft"
+    task = "dpo" if "dpo" in path.name or "\ndpo:" in path.read_text() else "sft"
     config = load_config(DpoConfig if task == "dpo" else SftConfig, path)
     assert config.hardware and config.dry_run_devices > 0, f"{path.name} must name its hardware and device count"
     name = next(v for k, v in PRESET_OF.items() if path.name.startswith(k))
@@ -48,8 +48,10 @@ def test_every_shipped_config_fits_its_stated_hardware(path):
     assert gib["optimizer"] == pytest.approx(2 * gib["parameters"], abs=2e-3), gib
     if config.model.lora is not None:  # the base is frozen, and it is DPO's reference (no second copy)
         assert gib["frozen"] > 10 * gib["parameters"] and gib["reference"] == 0, gib
-    elif task == "dpo" and config.dpo.reference == "model":
+    elif task == "dpo" and config.reference_setting() == "model":
         assert gib["reference"] > 0
+    elif task == "dpo":  # precomputed, none, or a reference-free loss: no reference in memory
+        assert gib["reference"] == 0
 
 
 def _tiny(tmp_path, base_model, **overrides):
