@@ -3,6 +3,7 @@ must split over the data-parallel devices, FSDP that finds a dimension that divi
 wherever training fits."""
 
 import dataclasses
+import json
 import pathlib
 import re
 import subprocess
@@ -30,28 +31,57 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 PRESET_OF = {"qwen2.5-0.5b": "qwen2.5-0.5b", "qwen2.5-1.5b": "qwen2.5-1.5b", "llama3-8b": "llama3-8b", "demo": "tiny"}
 
 
+_DRIVER = """
+import json, sys
+from jaxrlhf import cli
+for args in json.loads(sys.argv[1]):
+    print("=== config", args[2], flush=True)
+    print("=== exit", cli.main(args), flush=True)
+"""
+
+
+def _task_of(path: pathlib.Path) -> str:
+    return "dpo" if "dpo" in path.name or "\ndpo:" in path.read_text() else "sft"
+
+
+def _load(path: pathlib.Path):
+    return load_config(DpoConfig if _task_of(path) == "dpo" else SftConfig, path)
+
+
+_DEVICE_COUNTS = sorted({_load(path).dry_run_devices for path in CONFIGS})
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_fits_its_stated_hardware(path):
-    """At its real shape, mesh and device count (fake CPU devices, in a process of its own)."""
-    task = "dpo" if "dpo" in path.name or "\ndpo:" in path.read_text() else "sft"
-    config = load_config(DpoConfig if task == "dpo" else SftConfig, path)
-    assert config.hardware and config.dry_run_devices > 0, f"{path.name} must name its hardware and device count"
-    name = next(v for k, v in PRESET_OF.items() if path.name.startswith(k))
-    command = [sys.executable, "-m", "jaxrlhf.cli", task, "--config_path", str(path), "--dry_run", "true",
-               "--model.preset", name, "--data.tokenizer", str(asset_path("tokenizer"))]  # fmt: skip
-    out = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert f"verdict: fits on {config.hardware}" in out.stdout, out.stdout
-    gib = {m[1]: float(m[2]) for m in re.finditer(r"│ (\w+) +│ +([\d.]+) │", out.stdout)}
-    # f32 master weights and two f32 Adam moments, each sharded the same way (3 printed decimals).
-    assert gib["optimizer"] == pytest.approx(2 * gib["parameters"], abs=2e-3), gib
-    if config.model.lora is not None:  # the base is frozen, and it is DPO's reference (no second copy)
-        assert gib["frozen"] > 10 * gib["parameters"] and gib["reference"] == 0, gib
-    elif task == "dpo" and config.reference_setting() == "model":
-        assert gib["reference"] > 0
-    elif task == "dpo":  # precomputed, none, or a reference-free loss: no reference in memory
-        assert gib["reference"] == 0
+@pytest.mark.parametrize("devices", _DEVICE_COUNTS, ids=lambda n: f"{n}_devices")
+def test_every_shipped_config_fits_its_stated_hardware(devices):
+    """At its real shape, mesh and device count (fake CPU devices): one process per device count, planning
+    each of its configs in turn (the imports are paid once, the plans are independent)."""
+    paths = [path for path in CONFIGS if _load(path).dry_run_devices == devices]
+    runs = []
+    for path in paths:
+        config = _load(path)
+        assert config.hardware, f"{path.name} must name its hardware"
+        name = next(v for k, v in PRESET_OF.items() if path.name.startswith(k))
+        runs.append([_task_of(path), "--config_path", str(path), "--dry_run", "true", "--model.preset", name,
+                     "--data.tokenizer", str(asset_path("tokenizer"))])  # fmt: skip
+    command = [sys.executable, "-c", _DRIVER, json.dumps(runs)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    sections = out.stdout.split("=== config ")[1:]
+    assert len(sections) == len(paths), out.stdout[-3000:] + out.stderr[-3000:]
+    for path, section in zip(paths, sections):
+        config, task = _load(path), _task_of(path)
+        assert section.startswith(str(path)) and "=== exit 0" in section, section + out.stderr[-3000:]
+        assert f"verdict: fits on {config.hardware}" in section, section
+        gib = {m[1]: float(m[2]) for m in re.finditer(r"│ (\w+) +│ +([\d.]+) │", section)}
+        # f32 master weights and two f32 Adam moments, each sharded the same way (3 printed decimals).
+        assert gib["optimizer"] == pytest.approx(2 * gib["parameters"], abs=2e-3), (path.name, gib)
+        if config.model.lora is not None:  # the base is frozen, and it is DPO's reference (no second copy)
+            assert gib["frozen"] > 10 * gib["parameters"] and gib["reference"] == 0, (path.name, gib)
+        elif task == "dpo" and config.reference_setting() == "model":
+            assert gib["reference"] > 0, path.name
+        elif task == "dpo":  # precomputed, none, or a reference-free loss: no reference in memory
+            assert gib["reference"] == 0, path.name
 
 
 def _tiny(tmp_path, base_model, **overrides):
