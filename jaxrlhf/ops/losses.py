@@ -19,7 +19,9 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-__all__ = ["sft_loss", "dpo_loss", "dpo_metric_keys", "DPO_LOSSES", "DPO_METRIC_KEYS", "REFERENCE_FREE", "PairInputs"]
+from jaxrlhf.ops.kto import kto_loss
+
+__all__ = ["sft_loss", "dpo_loss", "kto_loss", "dpo_metric_keys", "DPO_LOSSES", "DPO_METRIC_KEYS", "REFERENCE_FREE", "PairInputs"]
 
 DPO_METRIC_KEYS = (
     "rewards/chosen",
