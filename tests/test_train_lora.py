@@ -149,6 +149,7 @@ def test_dpo_lora_step_holds_one_copy_of_the_weights():
         (["--model.lora.target_modules", "layers\\.0\\..*q_proj"], "model.lora.target_modules"),
         (["--model.lora.rank", "0"], "model.lora.rank must be > 0"),
         (["--model.lora.weight_qtype", "fp4"], "model.lora.weight_qtype"),
+        (["--model.lora.alpha", "0"], "model.lora.alpha must be > 0"),
     ],
 )
 def test_bad_lora_settings_are_one_line_errors(base_model, tmp_path, capsys, override, message):
@@ -187,12 +188,18 @@ def test_an_adapter_folder_of_another_model_is_named(base_model, tmp_path, capsy
 
 
 def test_training_starts_from_an_adapter_folder(base_model, tmp_path):
-    """A run's exported adapter is the starting point of the next: its first step's loss is the last one's eval."""
+    """A run's exported adapter, saved again in bf16 by torch (as peft often saves them), is the starting point
+    of the next: its first eval is the last eval of the run that wrote it (up to bf16 rounding)."""
     first = _with_lora(sft_config(tmp_path / "first", base_model, max_steps=4, export=True), rank=4, alpha=8.0)
     run_sft(first)
     adapter = tmp_path / "first" / "hf_adapter"
     copy = tmp_path / "copied_adapter"
     shutil.copytree(adapter, copy)
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    weights = {k: torch.from_numpy(v).bfloat16() for k, v in load_file(str(adapter / "adapter_model.safetensors")).items()}
+    save_torch(weights, str(copy / "adapter_model.safetensors"), metadata={"format": "pt"})
     second = _with_lora(
         sft_config(tmp_path / "second", base_model, max_steps=2, eval_at_start=True), adapter_path=str(copy)
     )
@@ -201,4 +208,4 @@ def test_training_starts_from_an_adapter_folder(base_model, tmp_path):
     last_eval = [r["eval/loss"] for r in rows if "eval/loss" in r][-1]
     rows = [json.loads(line) for line in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()]
     start_eval = [r["eval/loss"] for r in rows if "eval/loss" in r][0]
-    assert start_eval == pytest.approx(last_eval, rel=1e-5)
+    assert start_eval == pytest.approx(last_eval, rel=2e-3)

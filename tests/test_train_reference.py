@@ -12,7 +12,7 @@ from jaxrlhf.data import DatasetConfig
 from jaxrlhf.train.reference import StaleReference, pair_keys
 from jaxrlhf.commands.dpo import run_dpo
 from jaxrlhf.commands.precompute_ref import run_precompute_ref
-from jaxrlhf.train.run_config import DpoArgs
+from jaxrlhf.train.run_config import DpoArgs, LoraArgs
 from train_fixtures import dpo_config
 
 pytestmark = pytest.mark.slow
@@ -39,6 +39,19 @@ def test_precomputed_reference_dpo_equals_live_reference_dpo(base_model, tmp_pat
             np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)
     for a, b in zip(live_eval, pre_eval):
         np.testing.assert_allclose(b["eval/loss"], a["eval/loss"], rtol=1e-5)
+
+
+def test_a_qlora_runs_precomputed_reference_is_its_quantized_base(base_model, tmp_path):
+    """Precomputed for a QLoRA policy, the reference is the base as training holds it (nf4), adapters off: the
+    first step's policy (B = 0) equals it, so the loss is ln 2 and the margins 0 (the float base would differ)."""
+    pre = dpo_config(tmp_path / "pre", base_model, max_steps=2, dpo=DpoArgs(reference="precomputed"))
+    pre = dataclasses.replace(
+        pre, model=dataclasses.replace(pre.model, lora=LoraArgs(rank=4, alpha=8.0, weight_qtype="nf4"))
+    )
+    run_precompute_ref(pre)
+    run_dpo(pre)
+    first = metrics(tmp_path / "pre")[0][0]
+    assert first["loss"] == pytest.approx(np.log(2), abs=1e-6) and first["rewards/margins"] == pytest.approx(0, abs=1e-6)
 
 
 def test_changed_model_tokenizer_or_data_is_refused(base_model, tmp_path):

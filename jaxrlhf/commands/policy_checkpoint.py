@@ -51,7 +51,7 @@ def restore_policy(run_dir: str | pathlib.Path, step: int = 0, *, dtype: str | N
         return nnx.merge(graphdef, state.params), model_config, train_config, step
     base, _ = load_model(
         model_args, model_args.path, mesh, param_dtype=model_args.param_dtype,
-        tokenizer=train_config.data.tokenizer, seed=train_config.seed,
+        tokenizer=train_config.data.tokenizer, seed=train_config.seed, adapter_weights=False,
     )  # fmt: skip
     model = nnx.merge(graphdef, state.params, split_policy(base)[2])
     if merged:

@@ -13,6 +13,7 @@ from jax.experimental import multihost_utils
 from jaxrlhf.config import ConfigError
 from jaxrlhf.data import make_iterator
 from jaxrlhf.models import make_logprob_fn
+from jaxrlhf.models.lora_io import base_graphdef
 from jaxrlhf.parallel.distributed import initialize_distributed
 from jaxrlhf.parallel.mesh import make_mesh
 from jaxrlhf.train import steps
@@ -20,6 +21,7 @@ from jaxrlhf.train.assembly import check_vocabularies, lm_head_chunk_size, load_
 from jaxrlhf.train.prefetch import batch_sharding, place_batch, rows_sharded
 from jaxrlhf.train.reference import all_pairs_config, pair_keys, write_reference
 from jaxrlhf.train.run_config import DpoConfig
+from jaxrlhf.train.step_assembly import split_policy
 
 __all__ = ["DpoConfig", "run_precompute_ref"]
 
@@ -33,13 +35,20 @@ def run_precompute_ref(config: DpoConfig) -> pathlib.Path:
     initialize_distributed(d.coordinator_address, d.num_processes, d.process_id, force=d.force)
     mesh = make_mesh(config.mesh)
     model_path = config.reference_model_path()
-    # A LoRA policy's reference is its base, adapters off: the model without them.
-    reference, ref_config = load_model(
-        dataclasses.replace(config.model, lora=None), model_path, mesh, param_dtype=config.dpo.reference_dtype, tokenizer=config.data.tokenizer,
-        sequence_parallel=config.mesh.sequence_parallel,
-    )  # fmt: skip
+    if config.model.lora is not None and not config.dpo.reference_path:
+        # A LoRA policy's reference is its base as training holds it (QLoRA: quantized), adapters off.
+        policy, ref_config = load_model(
+            config.model, model_path, mesh, param_dtype=config.model.param_dtype, tokenizer=config.data.tokenizer,
+            sequence_parallel=config.mesh.sequence_parallel, seed=config.seed,
+        )  # fmt: skip
+        graphdef, ref_params = base_graphdef(ref_config), split_policy(policy)[2]
+    else:
+        reference, ref_config = load_model(
+            dataclasses.replace(config.model, lora=None), model_path, mesh, param_dtype=config.dpo.reference_dtype,
+            tokenizer=config.data.tokenizer, sequence_parallel=config.mesh.sequence_parallel,
+        )  # fmt: skip
+        graphdef, ref_params = nnx.split(reference)
     check_vocabularies(config, ref_config)
-    graphdef, ref_params = nnx.split(reference)
     chunk_size = lm_head_chunk_size(config, "dpo", mesh, ref_config.vocab_size)
     logprob_fn = make_logprob_fn(graphdef, chunk_size=chunk_size, packed=False)
     pair_logps = jax.jit(lambda params, batch: steps.pair_logps(logprob_fn, params, batch)[0])

@@ -72,6 +72,8 @@ class LoraSpec:
     def __post_init__(self):
         if self.rank <= 0:
             raise ValueError(f"model.lora.rank must be > 0, got {self.rank}")
+        if not self.alpha > 0:
+            raise ValueError(f"model.lora.alpha must be > 0 (updates are scaled by alpha / rank), got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
         unknown = sorted(set(self.targets) - set(TARGETS))

@@ -30,12 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from jaxrlhf.models import lora
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.decoder import Decoder
 from jaxrlhf.models.hf_io import to_host
+from jaxrlhf.models.safetensors_folder import SafetensorsFile
 from jaxrlhf.ops import quantize as quant
 from jaxrlhf.parallel.rules import DEFAULT_RULES, Rules, annotate_out_sharding, partition_specs
 
@@ -85,8 +86,9 @@ def add_adapters(model: Decoder, config: ModelConfig, *, seed: int = 0, mesh=Non
             values[path] = adapters[path]
         elif path[-1] == "codes":
             kernel = base[path[:-1]][...]
+            # One layer at a time (lax.map): the temporaries of quantizing are one layer's, not the stack's.
             quantize = jax.jit(
-                lambda w: quant.quantize(w, config.weight_qtype),
+                lambda w: jax.lax.map(lambda layer: quant.quantize(layer, config.weight_qtype), w),
                 out_shardings=None if mesh is None else (sharding(path), sharding((*path[:-1], "scales"))),
             )
             values[path], values[(*path[:-1], "scales")] = quantize(kernel)
@@ -155,6 +157,11 @@ def read_peft_config(folder: str | os.PathLike, *, num_layers: int, key: str = "
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{key}: {path} is not JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{key}: {path} is not a JSON object")
+    missing = [k for k in ("r", "lora_alpha") if not isinstance(config.get(k), (int, float))]
+    if missing:
+        raise ValueError(f"{key}: {path} has no number {' or '.join(missing)} (peft writes r and lora_alpha)")
     unsupported = {
         "peft_type": config.get("peft_type", "LORA") != "LORA",
         "bias": config.get("bias", "none") != "none",
@@ -180,8 +187,8 @@ def load_peft_adapter(model: Decoder, folder: str | os.PathLike, *, key: str = "
     """``model`` with its adapters set from a peft folder (sharded as they were); every key must be present."""
     config = model.config
     path = pathlib.Path(folder) / ADAPTER_WEIGHTS
-    tensors = load_file(str(path))
-    stripped = {name.replace(".default.", "."): value for name, value in tensors.items()}
+    file = SafetensorsFile(path)  # ours, not safetensors.numpy: that cannot read the bf16 adapters peft often saves
+    stripped = {name.replace(".default.", "."): file.tensor(name) for name in file.header}
     expected, problems = set(), []
     for target, adapter in _adapters(model).items():
         a_shape, b_shape = adapter.a.shape, adapter.b.shape
@@ -214,23 +221,33 @@ def load_peft_adapter(model: Decoder, folder: str | os.PathLike, *, key: str = "
     return model
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
-def _merged_kernel(w: jax.Array, a: jax.Array, b: jax.Array, scaling: float, dtype) -> jax.Array:
-    layers, rank = a.shape[0], a.shape[-1]
-    a, b = a.astype(jnp.float32).reshape(layers, -1, rank), b.astype(jnp.float32).reshape(layers, rank, -1)
-    delta = jnp.einsum("lir,lro->lio", a, b) * scaling
-    return (w.astype(jnp.float32) + delta.reshape(w.shape)).astype(dtype)
+@functools.partial(jax.jit, static_argnames=("qtype", "scaling", "dtype"))
+def _merged_kernel(kernel, a, b, *, qtype: str, scaling: float, dtype) -> jax.Array:
+    """``W + scaling * A B`` of one stacked kernel (``kernel``: the weight, or its ``(codes, scales)``), a layer
+    at a time so that only one layer's float32 temporaries exist."""
+
+    def one_layer(args):
+        w, a, b = args
+        w = quant.dequantize(*w, qtype, jnp.float32) if qtype != "none" else w.astype(jnp.float32)
+        if a is not None:
+            rank = a.shape[-1]
+            delta = a.astype(jnp.float32).reshape(-1, rank) @ b.astype(jnp.float32).reshape(rank, -1)
+            w = w + scaling * delta.reshape(w.shape)
+        return w.astype(dtype)
+
+    return jax.lax.map(one_layer, (kernel, a, b))
 
 
 def merge_lora(model: Decoder, config: ModelConfig, *, dtype=None) -> tuple[Decoder, ModelConfig]:
     """The plain decoder (no adapters, float kernels) computing what ``model`` computes with its adapters on.
 
-    Kernels come out in ``dtype`` (default: ``param_dtype``, the adapters'); the
-    other parameters keep theirs. Placement follows the inputs.
+    Kernels come out in ``dtype`` (default: the checkpoint's dtype, else the compute
+    dtype: a float32 merge of a 8B model would be twice the bf16 base it came from);
+    the other parameters keep theirs. Placement follows the inputs.
     """
     if config.lora is None and config.weight_qtype == "none":
         return model, config
-    dtype = jnp.dtype(dtype or config.param_dtype)
+    dtype = jnp.dtype(dtype or config.checkpoint_dtype or config.dtype)
     plain = dataclasses.replace(config, lora=None, weight_qtype="none")
     merged = nnx.eval_shape(lambda: Decoder(plain, rngs=nnx.Rngs(0)))
     source = dict(nnx.to_flat_state(nnx.state(model)))
@@ -240,8 +257,10 @@ def merge_lora(model: Decoder, config: ModelConfig, *, dtype=None) -> tuple[Deco
     for name in lora.TARGETS:
         parent = getattr(model.layers, _block(name))
         kernel, adapter = getattr(parent, name), getattr(parent, f"{name}_lora", None)
-        w = kernel.dequantized(dtype) if isinstance(kernel, lora.QuantizedKernel) else kernel[...].astype(dtype)
-        if adapter is not None:
-            w = _merged_kernel(w, adapter.a[...], adapter.b[...], config.lora.scaling, dtype)
+        quantized = isinstance(kernel, lora.QuantizedKernel)
+        weight = (kernel.codes[...], kernel.scales[...]) if quantized else kernel[...]
+        a, b = (None, None) if adapter is None else (adapter.a[...], adapter.b[...])
+        scaling = config.lora.scaling if config.lora is not None else 0.0
+        w = _merged_kernel(weight, a, b, qtype=kernel.qtype if quantized else "none", scaling=scaling, dtype=dtype)
         getattr(getattr(merged.layers, _block(name)), name).set_value(w)
     return merged, plain

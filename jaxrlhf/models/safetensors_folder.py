@@ -25,7 +25,7 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-class _SafetensorsFile:
+class SafetensorsFile:
     """Lazy tensors of one .safetensors file: a JSON header, then raw little-endian data (memory-mapped)."""
 
     def __init__(self, path: pathlib.Path):
@@ -86,7 +86,7 @@ class SafetensorsFolder:
                 f"no *.safetensors weights in {folder} (found: {', '.join(found) or 'nothing'}). "
                 "Pickled .bin/.pt checkpoints are never loaded; convert them to safetensors first."
             )
-        self.files = {name: _SafetensorsFile(folder / name) for name in files}
+        self.files = {name: SafetensorsFile(folder / name) for name in files}
         self.location = {tensor: name for name, f in self.files.items() for tensor in f.header}
 
     def shape(self, name: str) -> tuple[int, ...]:

@@ -65,9 +65,11 @@ def load_model(
     tokenizer: str = "",
     sequence_parallel: bool = False,
     seed: int = 0,
+    adapter_weights: bool = True,
 ):
     """``(model, model_config)``: the preset with random weights, or the folder's weights, on ``mesh``; with
-    ``args.lora``, the base (in ``args.dtype``) with adapters added (fresh from ``seed``, or the adapter folder's)."""
+    ``args.lora``, the base (in ``args.dtype``) with adapters added (fresh from ``seed``, or the adapter folder's;
+    ``adapter_weights=False``: fresh, for a caller that restores them from a checkpoint)."""
     config = model_config_of(args, path, param_dtype=param_dtype, tokenizer=tokenizer, sequence_parallel=sequence_parallel)
     base_config = dataclasses.replace(config, lora=None, weight_qtype="none", param_dtype=config.base_param_dtype)
     if args.preset:
@@ -86,7 +88,7 @@ def load_model(
     if config.lora is None:
         return model, config
     model = add_adapters(model, config, seed=seed, mesh=mesh)
-    if args.lora.adapter_path:
+    if args.lora.adapter_path and adapter_weights:
         try:
             model = load_peft_adapter(model, args.lora.adapter_path)
         except ValueError as e:
@@ -301,6 +303,7 @@ def assemble(config: TrainConfig, task: str) -> Run:
         model, model_config = load_model(
             config.model, config.model.path, mesh, param_dtype=config.model.param_dtype,
             tokenizer=config.data.tokenizer, sequence_parallel=config.mesh.sequence_parallel, seed=config.seed,
+            adapter_weights=latest is None,
         )  # fmt: skip
         graphdef, params, frozen = split_policy(model)
         del model

@@ -235,6 +235,8 @@ def checkpoint_meaning(config: TrainConfig, task: str) -> dict:
         for key, value in flat.items()
         if any(key == m or (m.endswith(".") and key.startswith(m)) for m in _MEANINGFUL) and key not in _RUNTIME
     }
+    if config.model.lora is not None:  # the frozen base (and so DPO's reference) is stored in model.dtype
+        kept["model.dtype"] = config.model.dtype
     return {"task": task, **kept}
 
 
