@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import torch
 
 from jaxrlhf import cli
 from jaxrlhf.commands.dpo import run_dpo
@@ -26,6 +27,7 @@ from jaxrlhf.train.step_assembly import abstract_params, abstract_policy, abstra
 from jaxrlhf.train.steps import DpoLossSpec
 from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.numpy import load_file
+from safetensors.torch import save_file as save_torch
 from train_fixtures import dpo_config, sft_config
 
 pytestmark = pytest.mark.slow
@@ -66,8 +68,11 @@ def test_lora_dpo_resumes_bit_identically_and_saves_only_adapters(base_model, tm
     assert not any("embed" in p or "norm" in p for p in paths)
 
 
-def test_lora_run_exports_merged_and_adapter_folders(base_model, tmp_path):
-    config = _with_lora(sft_config(tmp_path / "run", base_model, max_steps=2, export=True), rank=4, alpha=8.0)
+def test_lora_run_exports_and_a_run_restarts_from_its_adapter(base_model, tmp_path):
+    """The end-of-run exports (merged, adapter), `jaxrlhf export` of the same checkpoint, and the adapter, saved
+    again in bf16 by torch (as peft often saves them), as the starting point of the next run: its first eval is
+    the last eval of the run that wrote it (up to bf16 rounding)."""
+    config = _with_lora(sft_config(tmp_path / "run", base_model, max_steps=4, export=True), rank=4, alpha=8.0)
     summary = run_sft(config)
     run_dir = tmp_path / "run"
     assert summary["export"] == str(run_dir / "hf")
@@ -86,6 +91,20 @@ def test_lora_run_exports_merged_and_adapter_folders(base_model, tmp_path):
         assert sorted(want) == sorted(got)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    adapter = run_dir / "hf_adapter"
+    copy = tmp_path / "copied_adapter"
+    shutil.copytree(adapter, copy)
+    weights = {k: torch.from_numpy(v).bfloat16() for k, v in load_file(str(adapter / "adapter_model.safetensors")).items()}
+    save_torch(weights, str(copy / "adapter_model.safetensors"), metadata={"format": "pt"})
+    second = _with_lora(
+        sft_config(tmp_path / "second", base_model, max_steps=2, eval_at_start=True), adapter_path=str(copy)
+    )
+    run_sft(second)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last_eval = [r["eval/loss"] for r in rows if "eval/loss" in r][-1]
+    rows = [json.loads(line) for line in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()]
+    start_eval = [r["eval/loss"] for r in rows if "eval/loss" in r][0]
+    assert start_eval == pytest.approx(last_eval, rel=2e-3)
 
 
 def _tiny(vocab=512, hidden=256, layers=4) -> ModelConfig:
@@ -187,25 +206,12 @@ def test_an_adapter_folder_of_another_model_is_named(base_model, tmp_path, capsy
     assert len(lines) == 1 and "model.lora.adapter_path" in lines[0] and "shape" in lines[0], err
 
 
-def test_training_starts_from_an_adapter_folder(base_model, tmp_path):
-    """A run's exported adapter, saved again in bf16 by torch (as peft often saves them), is the starting point
-    of the next: its first eval is the last eval of the run that wrote it (up to bf16 rounding)."""
-    first = _with_lora(sft_config(tmp_path / "first", base_model, max_steps=4, export=True), rank=4, alpha=8.0)
-    run_sft(first)
-    adapter = tmp_path / "first" / "hf_adapter"
-    copy = tmp_path / "copied_adapter"
-    shutil.copytree(adapter, copy)
-    import torch
-    from safetensors.torch import save_file as save_torch
+def test_nf4_refuses_a_model_it_cannot_pack_by_key():
+    from jaxrlhf.config import ConfigError
+    from jaxrlhf.models.presets import preset
+    from jaxrlhf.train.run_config import with_lora
 
-    weights = {k: torch.from_numpy(v).bfloat16() for k, v in load_file(str(adapter / "adapter_model.safetensors")).items()}
-    save_torch(weights, str(copy / "adapter_model.safetensors"), metadata={"format": "pt"})
-    second = _with_lora(
-        sft_config(tmp_path / "second", base_model, max_steps=2, eval_at_start=True), adapter_path=str(copy)
-    )
-    run_sft(second)
-    rows = [json.loads(line) for line in (tmp_path / "first" / "metrics.jsonl").read_text().splitlines()]
-    last_eval = [r["eval/loss"] for r in rows if "eval/loss" in r][-1]
-    rows = [json.loads(line) for line in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()]
-    start_eval = [r["eval/loss"] for r in rows if "eval/loss" in r][0]
-    assert start_eval == pytest.approx(last_eval, rel=2e-3)
+    odd = dataclasses.replace(preset("tiny", vocab_size=300), intermediate_size=101)
+    with pytest.raises(ConfigError, match="model.lora.weight_qtype nf4 cannot store this model .intermediate_size"):
+        with_lora(odd, LoraArgs(weight_qtype="nf4"))
+    assert with_lora(odd, LoraArgs(weight_qtype="int8")).weight_qtype == "int8"  # int8 needs no pairs

@@ -17,7 +17,7 @@ from jaxrlhf.data import DataConfig, load_tokenizer
 from jaxrlhf.models import ModelConfig, config_from_hf
 from jaxrlhf.models.lora import LoraSpec, resolve_targets
 from jaxrlhf.models.lora_io import read_peft_config
-from jaxrlhf.ops.quantize import QTYPES
+from jaxrlhf.ops.quantize import QTYPES, quantized_shapes
 from jaxrlhf.models.presets import preset
 from jaxrlhf.parallel.mesh import MeshConfig
 from jaxrlhf.train import steps
@@ -283,6 +283,12 @@ def with_lora(config: ModelConfig, args: LoraArgs | None) -> ModelConfig:
             spec = LoraSpec(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets)
         if args.weight_qtype not in ("none", *QTYPES):
             raise ValueError(f"model.lora.weight_qtype must be none, {', '.join(QTYPES)}; got {args.weight_qtype!r}")
+        if args.weight_qtype != "none":  # kernels are quantized along their last axis: head_dim, hidden or MLP width
+            for name in ("head_dim", "hidden_size", "intermediate_size"):
+                try:
+                    quantized_shapes((getattr(config, name),), args.weight_qtype)
+                except ValueError as e:
+                    raise ValueError(f"model.lora.weight_qtype {args.weight_qtype} cannot store this model ({name}: {e})")
         return dataclasses.replace(config, lora=spec, weight_qtype=args.weight_qtype)
     except ValueError as e:
         raise ConfigError(str(e)) from None
