@@ -39,7 +39,7 @@ def run_precompute_ref(config: DpoConfig) -> pathlib.Path:
         # A LoRA policy's reference is its base as training holds it (QLoRA: quantized), adapters off.
         policy, ref_config = load_model(
             config.model, model_path, mesh, param_dtype=config.model.param_dtype, tokenizer=config.data.tokenizer,
-            sequence_parallel=config.mesh.sequence_parallel, seed=config.seed,
+            sequence_parallel=config.mesh.sequence_parallel, seed=config.seed, adapter_weights=False,
         )  # fmt: skip
         graphdef, ref_params = base_graphdef(ref_config), split_policy(policy)[2]
     else:

@@ -123,6 +123,11 @@ class ModelConfig:
         _check_expressible(self)
 
     @property
+    def uses_dropout(self) -> bool:
+        """Whether training forwards draw dropout masks (LoRA dropout)."""
+        return self.lora is not None and self.lora.dropout > 0
+
+    @property
     def base_param_dtype(self) -> str:
         """Storage dtype of the base parameters: the master weights' dtype, or with LoRA (base frozen) the compute dtype."""
         return self.param_dtype if self.lora is None else self.dtype

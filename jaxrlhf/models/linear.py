@@ -25,12 +25,13 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxrlhf.ops.quantize import dequantize
 
-__all__ = ["PROJECTION", "project", "project_quantized"]
+__all__ = ["PROJECTION", "operand_specs", "project", "project_quantized"]
 
 PROJECTION = "projection"
 
 
-def _specs(spec: str) -> tuple[str, str, str]:
+def operand_specs(spec: str) -> tuple[str, str, str]:
+    """``(x, weight, out)`` of an einsum spec like ``btd,dhk->bthk``."""
     inputs, out = spec.split("->")
     x, weight = inputs.split(",")
     return x, weight, out
@@ -52,7 +53,7 @@ def _project_fwd(spec, x, weight):
 
 def _project_bwd(spec, residuals, out_grad):
     x, weight = residuals
-    x_spec, weight_spec, out_spec = _specs(spec)
+    x_spec, weight_spec, out_spec = operand_specs(spec)
     x_grad = jnp.einsum(f"{out_spec},{weight_spec}->{x_spec}", out_grad, weight.astype(x.dtype))
     weight_grad = jnp.einsum(
         f"{x_spec},{out_spec}->{weight_spec}", x, out_grad.astype(x.dtype), preferred_element_type=jnp.float32
@@ -85,7 +86,7 @@ def _project_quantized_fwd(spec, qtype, x, codes, scales):
 
 def _project_quantized_bwd(spec, qtype, residuals, out_grad):
     codes, scales = residuals
-    x_spec, weight_spec, out_spec = _specs(spec)
+    x_spec, weight_spec, out_spec = operand_specs(spec)
     weight = dequantize(codes, scales, qtype, out_grad.dtype)
     return jnp.einsum(f"{out_spec},{weight_spec}->{x_spec}", out_grad, weight), None, None
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrlhf.models.linear import project, project_quantized
+from jaxrlhf.models.linear import operand_specs, project, project_quantized
 from jaxrlhf.ops import quantize as quant
 
 __all__ = [
@@ -50,7 +50,6 @@ __all__ = [
     "hf_module_name",
     "linear",
     "split_adapters",
-    "is_adapter_path",
 ]
 
 # Our names of the decoder's linear layers are peft's (the HF module names' last part).
@@ -145,10 +144,6 @@ class QuantizedKernel(nnx.Module):
         codes, scales = quant.quantize(weight, qtype)
         self.codes = QuantizedWeight(codes, logical_axes=logical_axes)
         self.scales = QuantizedWeight(scales, logical_axes=logical_axes)
-        self.dtype = jnp.dtype(weight.dtype).name
-
-    def dequantized(self, dtype=None) -> jax.Array:
-        return quant.dequantize(self.codes[...], self.scales[...], self.qtype, dtype or self.dtype)
 
 
 def frozen_kernel(kernel: nnx.Param, weight_qtype: str, logical_axes: tuple[str, ...]):
@@ -172,8 +167,7 @@ def dropout_key(rng: jax.Array | None, name: str) -> jax.Array | None:
 
 def _specs(spec: str) -> tuple[str, str]:
     """Einsum specs of ``x @ A`` and ``(x A) @ B`` for a kernel spec like ``btd,dhk->bthk``."""
-    inputs, out = spec.split("->")
-    x, weight = inputs.split(",")
+    x, weight, out = operand_specs(spec)
     contracted = "".join(c for c in weight if c in x)
     kept = "".join(c for c in x if c not in contracted)
     produced = "".join(c for c in weight if c not in x)
@@ -208,10 +202,6 @@ def linear(spec: str, x: jax.Array, kernel, adapter: Adapter | None, rng: jax.Ar
     else:
         y = project(spec, x, kernel[...])
     return y if adapter is None else y + adapter(spec, x, rng)
-
-
-def is_adapter_path(path: tuple) -> bool:
-    return len(path) >= 2 and path[-1] in ("a", "b") and str(path[-2]).endswith("_lora")
 
 
 def split_adapters(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:

@@ -333,7 +333,7 @@ def assemble(config: TrainConfig, task: str) -> Run:
     ref_params, host_transform = _reference(config, mesh) if task == "dpo" else (None, None)
     base_reference = task == "dpo" and reference_is_base(config)
     reference_logprob_fn = None
-    if frozen is not None:  # a LoRA policy: its base, adapters off, runs as the reference or a plain model
+    if base_reference:  # a LoRA policy's base, adapters off, is the reference
         reference_logprob_fn = make_logprob_fn(
             base_graphdef(model_config),
             chunk_size=lm_head_chunk_size(config, task, mesh, model_config.vocab_size),
@@ -347,9 +347,9 @@ def assemble(config: TrainConfig, task: str) -> Run:
         state_shardings=state_shardings,
         micro_batches=config.micro_batches,
         spec=spec,
-        reference_logprob_fn=reference_logprob_fn if base_reference else None,
+        reference_logprob_fn=reference_logprob_fn,
         reference_is_frozen=base_reference,
-        dropout=model_config.lora is not None and model_config.lora.dropout > 0,
+        dropout=model_config.uses_dropout,
     )
     sharding_for = rows_sharded(mesh)
 
@@ -371,7 +371,7 @@ def assemble(config: TrainConfig, task: str) -> Run:
                 logprob_fn,
                 eval_batches,
                 ref_params=frozen if base_reference else ref_params,
-                ref_logprob_fn=reference_logprob_fn if base_reference else None,
+                ref_logprob_fn=reference_logprob_fn,
                 spec=spec,
                 micro_batches=eval_micro_batches(config),
                 frozen=frozen,

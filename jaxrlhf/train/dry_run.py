@@ -125,7 +125,7 @@ def plan(config: TrainConfig, task: str) -> dict:
         spec=spec,
         reference_logprob_fn=base_fn,
         reference_is_frozen=base_reference,
-        dropout=model_config.lora is not None and model_config.lora.dropout > 0,
+        dropout=model_config.uses_dropout,
     )
     with jax.set_mesh(mesh):
         compiled_step = step.lower(state, batch, ref_params, frozen).compile()
