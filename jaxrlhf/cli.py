@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "mask-demo": ("jaxrlhf.commands.mask_demo", "DemoConfig", "run", "the loss-mask bugs other projects shipped, side by side with ours"),
     "sft": ("jaxrlhf.commands.sft", "SftConfig", "run_sft", "supervised fine-tuning of a Hugging Face model folder"),
     "dpo": ("jaxrlhf.commands.dpo", "DpoConfig", "run_dpo", "direct preference optimisation (every TRL loss type)"),
+    "kto": ("jaxrlhf.commands.kto", "KtoConfig", "run_kto", "KTO on examples labelled desirable or undesirable"),
     "precompute-ref": ("jaxrlhf.commands.precompute_ref", "DpoConfig", "run_precompute_ref", "reference log-probs of a DPO run's pairs, stored once"),
     "export": ("jaxrlhf.commands.export", "ExportConfig", "run_export", "a run's checkpoint -> Hugging Face folder"),
     "init-model": ("jaxrlhf.commands.init_model", "InitModelConfig", "run_init_model", "a random model of a preset shape as a HF folder"),

@@ -15,6 +15,10 @@ What it writes:
   reply breaks it, either the words in the order they were given (wrong for
   reverse/sort) or the right answer SHOUTED in upper case with "!". DPO reward
   accuracy therefore rises well above chance within a few hundred steps.
+- ``kto.jsonl``: the same 320 prompts as unpaired KTO records ({"prompt",
+  "completion", "label"}, TRL's unpaired preference format): each keeps one
+  reply of its pair, the chosen one (label true) with probability 0.6, so the
+  labels are unbalanced about 60:40, as KTO data often is.
 - ``tokenizer/``: a byte-level BPE tokenizer (vocabulary 1024) trained with
   ``tokenizers`` on the text of the two files above, saved as a normal Hugging
   Face tokenizer folder. Its post-processor adds ``<|begin_of_text|>`` like
@@ -229,6 +233,21 @@ def make_dpo(rng: random.Random, n: int) -> list[dict]:
     return records
 
 
+def make_kto(rng: random.Random, dpo: list[dict]) -> list[dict]:
+    records = []
+    for pair in dpo:
+        desirable = rng.random() < 0.6
+        records.append(
+            {
+                "id": pair["id"].replace("dpo-", "kto-"),
+                "prompt": pair["prompt"],
+                "completion": pair["chosen"] if desirable else pair["rejected"],
+                "label": desirable,
+            }
+        )
+    return records
+
+
 def _texts(sft: list[dict], dpo: list[dict]):
     for record in sft:
         for message in record["messages"]:
@@ -302,6 +321,7 @@ def build(out: pathlib.Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _write_jsonl(out / "sft.jsonl", sft)
     _write_jsonl(out / "dpo.jsonl", dpo)
+    _write_jsonl(out / "kto.jsonl", make_kto(random.Random(18), dpo))
     make_tokenizer(_texts(sft, dpo), out / "tokenizer")
 
 
@@ -322,7 +342,7 @@ def main(argv=None) -> int:
             same = _same_tree(fresh, ASSETS)
             print("assets are up to date" if same else "assets differ from scripts/make_assets.py output")
             return 0 if same else 1
-        for name in ("sft.jsonl", "dpo.jsonl", "tokenizer"):
+        for name in ("sft.jsonl", "dpo.jsonl", "kto.jsonl", "tokenizer"):
             target = ASSETS / name
             if target.is_dir():
                 shutil.rmtree(target)

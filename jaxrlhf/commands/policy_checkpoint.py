@@ -7,11 +7,11 @@ import pathlib
 
 from flax import nnx
 
-from jaxrlhf.config import ConfigError, load_config
+from jaxrlhf.config import ConfigError
 from jaxrlhf.parallel.mesh import MeshConfig, make_mesh
 from jaxrlhf.train.checkpoint import Checkpointer
 from jaxrlhf.train.optim import make_optimizer
-from jaxrlhf.train.run_config import DpoConfig, model_config_of
+from jaxrlhf.train.run_config import load_run_config, model_config_of
 from jaxrlhf.models import merge_lora
 from jaxrlhf.train.assembly import load_model
 from jaxrlhf.train.step_assembly import abstract_train_state, split_policy
@@ -29,9 +29,8 @@ def restore_policy(run_dir: str | pathlib.Path, step: int = 0, *, dtype: str | N
     """
     run_dir = pathlib.Path(run_dir)
     if not (run_dir / "config.yaml").exists():
-        raise ConfigError(f"{run_dir / 'config.yaml'} not found: --run_dir must be a directory written by jaxrlhf sft/dpo")
-    # DpoConfig is a superset of SftConfig, so either run's config.yaml loads into it.
-    train_config = load_config(DpoConfig, run_dir / "config.yaml")
+        raise ConfigError(f"{run_dir / 'config.yaml'} not found: --run_dir must be a directory written by jaxrlhf sft/dpo/kto")
+    train_config = load_run_config(run_dir / "config.yaml")
     mesh = make_mesh(MeshConfig())
     model_args = dataclasses.replace(train_config.model, dtype=dtype or train_config.model.dtype)
     model_config = model_config_of(

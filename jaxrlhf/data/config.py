@@ -35,6 +35,8 @@ class Columns:
     text: str = "text"
     chosen: str = "chosen"
     rejected: str = "rejected"
+    label: str = "label"
+    """KTO: the boolean label of an unpaired example (true = desirable)."""
     tools: str = "tools"
     """Optional list of tool schemas passed to the chat template."""
     id: str = "id"
@@ -53,7 +55,9 @@ class DatasetConfig:
     """Files, globs or `datasets.save_to_disk` folders: .jsonl, .json, .parquet, or a folder."""
     weight: float = 1.0
     """Relative sampling weight in a mixture of several datasets."""
-    format: Literal["auto", "messages", "prompt_completion", "text", "preference", "implicit_preference"] = "auto"
+    format: Literal[
+        "auto", "messages", "prompt_completion", "text", "preference", "implicit_preference", "unpaired_preference"
+    ] = "auto"
     """Record format; `auto` picks it from the columns present."""
     columns: Columns = dataclasses.field(default_factory=Columns)
     split: str = "train"

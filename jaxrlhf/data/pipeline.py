@@ -9,12 +9,13 @@ Per process (each JAX process reads only its contiguous slice of every dataset):
 
 Batches are dicts of numpy int32 arrays with exactly the keys of DESIGN.md:
 SFT ``tokens, loss_mask, segment_ids, positions`` each ``[B, T]``; DPO the same
-keys ``[B, 2, T]`` (index 0 chosen, 1 rejected). ``B`` is the per-process batch
+keys ``[B, 2, T]`` (index 0 chosen, 1 rejected); KTO ``[B, 2, T]`` (index 0 the
+example, 1 its KL row, see ``data.kto``) plus ``label`` ``[B]``. ``B`` is the per-process batch
 (``batch_size // jax.process_count()``). Training drops the last partial batch.
 Eval reads each record once, unshuffled and always padded (packing would make the
 number of rows data-dependent); it keeps every example: drops and the filler
-that evens out the processes' slices become all-padding rows, and DPO eval
-batches carry ``pair_mask`` ``[B]`` (1 = a real pair), so every process yields
+that evens out the processes' slices become all-padding rows, and DPO and KTO eval
+batches carry ``pair_mask`` ``[B]`` (1 = a real pair or example), so every process yields
 the same number of batches and padding never counts.
 
 The iterator's state (``get_state``/``set_state``, a JSON-able dict) resumes at
@@ -33,6 +34,7 @@ import numpy as np
 from jaxrlhf.data import validate
 from jaxrlhf.data.config import DataConfig, DatasetConfig
 from jaxrlhf.data.encode import encode_dpo, encode_sft_examples
+from jaxrlhf.data.kto import encode_kto, with_kl_rows
 from jaxrlhf.data.tally import DropStats, Tally
 from jaxrlhf.data.errors import ExampleDropped
 from jaxrlhf.data.sources import expand_paths, open_source
@@ -56,7 +58,7 @@ def encode_options(config: DataConfig, task: str) -> dict:
         string_boundary=config.string_boundary,
         special_tokens_in_content=config.special_tokens_in_content,
     )
-    if task == "dpo":
+    if task in ("dpo", "kto"):
         options["on_identical_pairs"] = config.on_identical_pairs
     return options
 
@@ -74,7 +76,8 @@ class _Encode:
         try:
             if self._task == "dpo":
                 return encode_dpo(row.data, tokenizer, origin=row.origin, **self._options)
-            examples, dropped = encode_sft_examples(row.data, tokenizer, origin=row.origin, **self._options)
+            encode = encode_kto if self._task == "kto" else encode_sft_examples
+            examples, dropped = encode(row.data, tokenizer, origin=row.origin, **self._options)
         except ExampleDropped as e:
             return {"dropped": e.reason}
         if len(examples) == 1 and not dropped:
@@ -179,6 +182,27 @@ class _PadDPO(_PadSFT):
         return out
 
 
+class _PadKTO(_PadSFT):
+    """The example in row 0, an empty row 1 for its KL row (``_KLRows`` fills it once the batch is known)."""
+
+    def __call__(self, example):
+        rows = [pad_row(example["tokens"], example["loss_mask"], self._max_length, self._pad)]
+        rows.append(pad_row(np.zeros(0, np.int32), np.zeros(0, np.int32), self._max_length, self._pad))
+        out = {key: np.stack([rows[0][key], rows[1][key]]) for key in rows[0]}
+        out["label"] = np.int32(example["label"])
+        if "pair_mask" in example:
+            out["pair_mask"] = np.int32(example["pair_mask"])
+        return out
+
+
+class _KLRows:
+    def __init__(self, pad: int):
+        self._pad = pad
+
+    def __call__(self, batch):
+        return with_kl_rows(batch, self._pad)
+
+
 class _RenamePacked:
     """Grain's packed ``tokens_segment_ids`` / ``tokens_positions`` -> DESIGN.md's keys; pad id on padding."""
 
@@ -276,8 +300,8 @@ def make_iterator(
     config: DataConfig, *, task: str, split: str = "train", shard: grain.sharding.ShardOptions | None = None
 ) -> DataIterator:
     """The batch iterator of ``split`` for this process (``shard`` defaults to this JAX process's shard)."""
-    if task not in ("sft", "dpo"):
-        raise ValueError(f"task must be 'sft' or 'dpo', got {task!r}")
+    if task not in ("sft", "dpo", "kto"):
+        raise ValueError(f"task must be 'sft', 'dpo' or 'kto', got {task!r}")
     training = split == "train"
     if shard is None:
         shard = grain.sharding.ShardByJaxProcess(drop_remainder=training)
@@ -290,6 +314,8 @@ def make_iterator(
     config.check()
     if task == "dpo" and config.packing != "none" and training:
         raise ValueError("packing applies to SFT; DPO rows keep each pair on its own [2, T] row (data.packing=none)")
+    if task == "kto" and config.packing != "none":
+        raise ValueError("data.packing: KTO rows keep each example with its KL row, unpacked (data.packing=none)")
     tokenizer = load_tokenizer(config.tokenizer)
     pad = pad_id(tokenizer)
     options = encode_options(config, task)
@@ -342,10 +368,12 @@ def make_iterator(
             pad=pad,
         )
     else:
-        it = it.map(_PadSFT(config.max_length, pad) if task == "sft" else _PadDPO(config.max_length, pad))
+        it = it.map({"sft": _PadSFT, "dpo": _PadDPO, "kto": _PadKTO}[task](config.max_length, pad))
     it = it.batch(batch_size, drop_remainder=training)
     if not training:
         it = it.map(_FillBatch(batch_size, pad))
+    if task == "kto":
+        it = it.map(_KLRows(pad))
     it = it.map(
         _Check(task=task, batch_size=batch_size, max_length=config.max_length, with_pair_mask=not training)
     )

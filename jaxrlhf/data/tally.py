@@ -49,10 +49,13 @@ class TallyIterator(grain.DatasetIterator):
         super().__init__(parent)
         self._drop_stats, self._task, self._keep_places, self._records = stats, task, keep_places, records
         self._drops_in_a_row = 0
+        self._marks_places = keep_places and task != "sft"  # DPO and KTO eval rows say whether they are real
         self._pending: list = []  # the examples of a record that gave several, not yet handed on
 
     def _empty(self) -> dict:
         side = {"tokens": np.zeros(0, np.int32), "loss_mask": np.zeros(0, np.int32)}
+        if self._task == "kto":
+            return {**side, "label": np.int32(0), "pair_mask": 0}
         return {"chosen": side, "rejected": dict(side), "pair_mask": 0} if self._task == "dpo" else side
 
     def __next__(self):
@@ -64,7 +67,8 @@ class TallyIterator(grain.DatasetIterator):
             if "parts" in element:
                 for reason in element["dropped_parts"]:
                     self._drop_stats.dropped[reason] += 1
-                self._pending = list(element["parts"])
+                parts = list(element["parts"])
+                self._pending = [dict(p, pair_mask=1) for p in parts] if self._marks_places else parts
                 self._drops_in_a_row = 0
                 continue
             if "filler" in element:
@@ -84,7 +88,7 @@ class TallyIterator(grain.DatasetIterator):
                 continue
             self._drops_in_a_row = 0
             self._drop_stats.kept += 1
-            return dict(element, pair_mask=1) if self._keep_places and self._task == "dpo" else element
+            return dict(element, pair_mask=1) if self._marks_places else element
 
     def get_state(self):
         # The examples of a record read but not yet handed on belong to the position (JSON: small token lists).

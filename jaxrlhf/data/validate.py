@@ -71,8 +71,9 @@ def check_example(example: dict, *, max_length: int, origin=None) -> None:
 
 
 def batch_keys(task: str, *, with_pair_mask: bool = False) -> tuple[str, ...]:
-    """The keys of a batch: DESIGN.md's four, plus ``pair_mask`` on DPO eval batches."""
-    return BATCH_KEYS + (("pair_mask",) if task == "dpo" and with_pair_mask else ())
+    """The keys of a batch: DESIGN.md's four, KTO's ``label``, and ``pair_mask`` on DPO and KTO eval batches."""
+    label = ("label",) if task == "kto" else ()
+    return BATCH_KEYS + label + (("pair_mask",) if task != "sft" and with_pair_mask else ())
 
 
 def check_batch(batch: dict, *, task: str, batch_size: int, max_length: int, with_pair_mask: bool = False) -> dict:
@@ -84,8 +85,10 @@ def check_batch(batch: dict, *, task: str, batch_size: int, max_length: int, wit
     for key in BATCH_KEYS:
         if batch[key].shape != shape or batch[key].dtype != np.int32:
             raise ValueError(f"batch[{key!r}] is {batch[key].shape} {batch[key].dtype}, expected {shape} int32")
-    if "pair_mask" in expected and (batch["pair_mask"].shape != (batch_size,) or batch["pair_mask"].dtype != np.int32):
-        raise ValueError(f"batch['pair_mask'] is {batch['pair_mask'].shape}, expected ({batch_size},) int32")
+    for key in expected[len(BATCH_KEYS):]:
+        if batch[key].shape != (batch_size,) or batch[key].dtype != np.int32 or not np.isin(batch[key], (0, 1)).all():
+            got = f"{batch[key].shape} {batch[key].dtype}"
+            raise ValueError(f"batch[{key!r}] is {got}, expected ({batch_size},) int32 of 0 and 1")
     mask, seg, pos = batch["loss_mask"], batch["segment_ids"], batch["positions"]
     previous = np.concatenate([np.zeros_like(seg[..., :1]), seg[..., :-1]], axis=-1)
     continues = (np.arange(max_length) > 0) & (seg != 0) & (seg == previous)

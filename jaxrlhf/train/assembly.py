@@ -21,6 +21,8 @@ from jax.experimental import multihost_utils
 
 from jaxrlhf.config import ConfigError, dump_config
 from jaxrlhf.data import load_tokenizer, make_iterator
+from jaxrlhf.data.kto import check_balance, label_census
+from jaxrlhf.data.pipeline import record_datasets
 from jaxrlhf.models import (
     ModelConfig,
     default_chunk_size,
@@ -37,22 +39,31 @@ from jaxrlhf.train.diagnostics import (
     NonFiniteWatcher,
     ZeroGradientWatcher,
 )
-from jaxrlhf.train.evaluation import dpo_evaluator, sft_evaluator
+from jaxrlhf.train.evaluation import dpo_evaluator, kto_evaluator, sft_evaluator
 from jaxrlhf.train.optim import make_optimizer
 from jaxrlhf.train.prefetch import place_batch, rows_sharded
 from jaxrlhf.train.reference import ReferenceTable
 from jaxrlhf.train.run_config import (
     DpoConfig,
+    KtoConfig,
     ModelArgs,
     TrainConfig,
     changed_settings,
     check_batch_layout,
     checkpoint_meaning,
     eval_micro_batches,
+    loss_spec,
     model_config_of,
+    reference_is_base,
     rows_are_packed,
 )
-from jaxrlhf.train.step_assembly import abstract_train_state, build_train_step, new_train_state, split_policy
+from jaxrlhf.train.step_assembly import (
+    abstract_train_state,
+    build_train_step,
+    describe_trainable,
+    new_train_state,
+    split_policy,
+)
 from jaxrlhf.train.steps import TrainState
 
 
@@ -96,21 +107,6 @@ def load_model(
     return model, config
 
 
-def describe_trainable(trainable, frozen, config: ModelConfig) -> str:
-    """One line on what trains: counts and bytes of the trained parameters (and of the frozen base)."""
-    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
-    nbytes = lambda tree: sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
-    line = f"trainable parameters: {count(trainable):,} ({nbytes(trainable) / 2**20:,.1f} MiB)"
-    if frozen is None:
-        return line + " (full fine-tuning)"
-    spec = config.lora
-    quantized = "" if config.weight_qtype == "none" else f", stored {config.weight_qtype}"
-    return (
-        f"{line}: LoRA rank {spec.rank}, alpha {spec.alpha:g} on {', '.join(spec.targets)}; frozen base "
-        f"{count(frozen):,} values ({nbytes(frozen) / 2**20:,.1f} MiB{quantized})"
-    )
-
-
 def estimated_steps(config: TrainConfig, task: str) -> int:
     """``max_steps``, or the optimizer steps of ``data.num_epochs`` passes, counted exactly.
 
@@ -142,7 +138,7 @@ def lm_head_chunk_size(config: TrainConfig, task: str, mesh, vocab_size: int) ->
     if config.model.chunk_size > 0:
         return config.model.chunk_size
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    rows = max(config.data.batch_size // max(config.micro_batches, 1) // data_parallel, 1) * (2 if task == "dpo" else 1)
+    rows = max(config.data.batch_size // max(config.micro_batches, 1) // data_parallel, 1) * (1 if task == "sft" else 2)
     tensor = mesh.shape["tensor"]
     vocab = vocab_size // tensor if vocab_size % tensor == 0 else vocab_size
     return default_chunk_size(rows, vocab)
@@ -215,14 +211,8 @@ class Run:
         return pathlib.Path(self.config.run_dir)
 
 
-def reference_is_base(config: DpoConfig) -> bool:
-    """A LoRA policy's reference model is its base with the adapters off (TRL's default with peft), unless
-    dpo.reference_path names another model."""
-    return config.model.lora is not None and config.reference_setting() == "model" and not config.dpo.reference_path
-
-
-def _reference(config: DpoConfig, mesh):
-    """``(ref_params, host_transform)`` of the DPO reference setting."""
+def _reference(config: DpoConfig | KtoConfig, mesh):
+    """``(ref_params, host_transform)`` of a DPO or KTO run's reference setting."""
     if reference_is_base(config):
         return None, None
     if config.reference_setting() == "model":
@@ -230,7 +220,7 @@ def _reference(config: DpoConfig, mesh):
             dataclasses.replace(config.model, lora=None),
             config.reference_model_path(),
             mesh,
-            param_dtype=config.dpo.reference_dtype,
+            param_dtype=config.reference_args.reference_dtype,
             tokenizer=config.data.tokenizer,
             sequence_parallel=config.mesh.sequence_parallel,
         )
@@ -262,14 +252,14 @@ def _restore(checkpointer: Checkpointer, step: int, config: TrainConfig, model_c
 
 
 def assemble(config: TrainConfig, task: str) -> Run:
-    """Build the run ``config`` describes for ``task`` (sft | dpo), resuming from its newest checkpoint.
+    """Build the run ``config`` describes for ``task`` (sft | dpo | kto), resuming from its newest checkpoint.
 
     On resume the checkpoint's own record of the run (its length, the settings that
     give it its meaning) is read first: a changed setting is an error naming each
     key (unless ``checkpoint.allow_config_change``), the data is not counted again,
     and the state is restored straight into its shards.
     """
-    spec = config.dpo.spec(config.micro_batches) if task == "dpo" else None
+    spec = loss_spec(config, task)
     config.optim.check()
     d = config.distributed
     initialize_distributed(d.coordinator_address, d.num_processes, d.process_id, force=d.force)
@@ -278,6 +268,11 @@ def assemble(config: TrainConfig, task: str) -> Run:
         prepare_run_dir(run_dir)
     mesh = make_mesh(config.mesh)
     check_batch_layout(config, dict(mesh.shape))
+    if task == "kto":  # TRL's balance check, from the labels alone; one label missing is an error
+        census = label_census(record_datasets(config.data, "train"))
+        warning = check_balance(census, desirable_weight=spec.desirable_weight, undesirable_weight=spec.undesirable_weight)
+        if warning and jax.process_index() == 0:
+            print(f"jaxrlhf kto: warning: {warning}", file=sys.stderr, flush=True)
     checkpointer = Checkpointer(run_dir / "checkpoints", config.checkpoint)
     latest = checkpointer.latest_step
     if latest is not None and not config.checkpoint.resume:
@@ -330,8 +325,8 @@ def assemble(config: TrainConfig, task: str) -> Run:
         chunk_size=lm_head_chunk_size(config, task, mesh, model_config.vocab_size),
         packed=rows_are_packed(config, task),
     )
-    ref_params, host_transform = _reference(config, mesh) if task == "dpo" else (None, None)
-    base_reference = task == "dpo" and reference_is_base(config)
+    ref_params, host_transform = _reference(config, mesh) if task != "sft" else (None, None)
+    base_reference = task != "sft" and reference_is_base(config)
     reference_logprob_fn = None
     if base_reference:  # a LoRA policy's base, adapters off, is the reference
         reference_logprob_fn = make_logprob_fn(
@@ -367,7 +362,7 @@ def assemble(config: TrainConfig, task: str) -> Run:
                 logprob_fn, eval_batches, micro_batches=eval_micro_batches(config), frozen=frozen
             )
         else:
-            evaluate = dpo_evaluator(
+            evaluate = (dpo_evaluator if task == "dpo" else kto_evaluator)(
                 logprob_fn,
                 eval_batches,
                 ref_params=frozen if base_reference else ref_params,

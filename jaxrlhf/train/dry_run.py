@@ -27,9 +27,9 @@ from jaxrlhf.models import make_logprob_fn
 from jaxrlhf.ops import attention as attention_kernels
 from jaxrlhf.parallel.mesh import make_mesh
 from jaxrlhf.parallel.rules import LOGICAL_AXES, spec_axes, wants_fsdp
-from jaxrlhf.train import steps
+from jaxrlhf.train import kto_steps, steps
 from jaxrlhf.models.lora_io import base_graphdef
-from jaxrlhf.train.assembly import lm_head_chunk_size, reference_is_base
+from jaxrlhf.train.assembly import lm_head_chunk_size
 from jaxrlhf.train.largest_arrays import largest_arrays
 from jaxrlhf.train.optim import make_optimizer
 from jaxrlhf.train.prefetch import batch_sharding
@@ -37,7 +37,9 @@ from jaxrlhf.train.run_config import (
     TrainConfig,
     check_batch_layout,
     eval_micro_batches,
+    loss_spec,
     model_config_of,
+    reference_is_base,
     rows_are_packed,
 )
 from jaxrlhf.train.step_assembly import abstract_params, abstract_policy, abstract_train_state, build_train_step
@@ -83,14 +85,14 @@ def _abstract_batch(config: TrainConfig, task: str, rows: int, mesh, *, eval_: b
     }
     if task == "dpo" and config.reference_setting() == "precomputed":
         batch["ref_logps"] = jax.ShapeDtypeStruct(shape[:2], jnp.float32, sharding=batch_sharding(mesh, 2))
-    if task == "dpo" and eval_:
-        batch["pair_mask"] = jax.ShapeDtypeStruct(shape[:1], jnp.int32, sharding=batch_sharding(mesh, 1))
+    for key in ("label",) * (task == "kto") + ("pair_mask",) * (task != "sft" and eval_):
+        batch[key] = jax.ShapeDtypeStruct(shape[:1], jnp.int32, sharding=batch_sharding(mesh, 1))
     return batch
 
 
 def plan(config: TrainConfig, task: str) -> dict:
     """The per-device memory plan (bytes) of training and of evaluation, from XLA's compiled steps."""
-    spec = config.dpo.spec(config.micro_batches) if task == "dpo" else None
+    spec = loss_spec(config, task)
     mesh = make_mesh(config.mesh)
     check_batch_layout(config, dict(mesh.shape))
     model_config = model_config_of(
@@ -105,12 +107,12 @@ def plan(config: TrainConfig, task: str) -> dict:
     packed = rows_are_packed(config, task)
     logprob_fn = make_logprob_fn(graphdef, chunk_size=chunk_size, packed=packed)
     ref_params, reference_bytes = None, 0
-    base_reference = task == "dpo" and reference_is_base(config)
+    base_reference = task != "sft" and reference_is_base(config)
     base_fn = make_logprob_fn(base_graphdef(model_config), chunk_size=chunk_size, packed=packed) if base_reference else None
-    if task == "dpo" and config.reference_setting() == "model" and not base_reference:
+    if task != "sft" and config.reference_setting() == "model" and not base_reference:
         ref_config = model_config_of(
             dataclasses.replace(config.model, lora=None), config.reference_model_path(),
-            param_dtype=config.dpo.reference_dtype, tokenizer=config.data.tokenizer,
+            param_dtype=config.reference_args.reference_dtype, tokenizer=config.data.tokenizer,
             sequence_parallel=config.mesh.sequence_parallel,
         )  # fmt: skip
         _, ref_params = abstract_params(ref_config, mesh)
@@ -154,7 +156,7 @@ def plan(config: TrainConfig, task: str) -> dict:
             bound = steps.bind_frozen(logprob_fn, frozen)
             if task == "sft":
                 return steps.sft_eval_sums(params, eval_batch, logprob_fn=bound, num_micro_batches=micro)
-            return steps.dpo_eval_pairs(
+            return (steps.dpo_eval_pairs if task == "dpo" else kto_steps.kto_eval_rows)(
                 params, eval_batch, logprob_fn=bound, num_micro_batches=micro,
                 ref_params=frozen if base_reference else ref_params, ref_logprob_fn=base_fn,
             )  # fmt: skip

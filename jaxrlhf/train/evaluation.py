@@ -1,8 +1,8 @@
-"""Held-out evaluation of SFT and DPO runs: ``state -> {metric: value}`` over every eval batch.
+"""Held-out evaluation of SFT, DPO and KTO runs: ``state -> {metric: value}`` over every eval batch.
 
 SFT sums NLL and trained tokens over the whole split and divides once; DPO
-gathers every pair (with its padding mask) on every process, so the metrics are
-global and computed as TRL logs them. Each eval batch runs in micro-batches of
+gathers every pair (KTO every example and its KL row) with its padding mask on
+every process, so the metrics are global and computed as TRL logs them. Each eval batch runs in micro-batches of
 the training micro-batch's rows with the same LM-head chunks, so eval fits
 wherever training fits.
 """
@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import jax
 from jax.experimental import multihost_utils
 
-from jaxrlhf.train import steps
+from jaxrlhf.train import kto_steps, steps
 
 
 def sft_evaluator(
@@ -69,5 +69,34 @@ def dpo_evaluator(
             for batch in eval_batches()
         ]
         return steps.dpo_eval_metrics(pairs, spec)
+
+    return evaluate
+
+
+def kto_evaluator(
+    logprob_fn: steps.LogprobFn,
+    eval_batches: Callable[[], Iterator[dict]],
+    *,
+    ref_params,
+    spec: kto_steps.KtoLossSpec,
+    micro_batches: int = 1,
+    ref_logprob_fn: steps.LogprobFn | None = None,
+    frozen=None,
+):
+    """``state -> KTO metrics`` over every eval example, the reference point from all of their KL rows."""
+
+    @jax.jit
+    def eval_rows(params, batch, ref_params, frozen):
+        return kto_steps.kto_eval_rows(
+            params, batch, logprob_fn=steps.bind_frozen(logprob_fn, frozen), ref_params=ref_params,
+            ref_logprob_fn=ref_logprob_fn, num_micro_batches=micro_batches,
+        )  # fmt: skip
+
+    def evaluate(state) -> dict[str, float]:
+        rows = [
+            multihost_utils.process_allgather(eval_rows(state.params, batch, ref_params, frozen), tiled=True)
+            for batch in eval_batches()
+        ]
+        return kto_steps.kto_eval_metrics(rows, spec)
 
     return evaluate

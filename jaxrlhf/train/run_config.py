@@ -1,8 +1,8 @@
-"""The typed run configs of `jaxrlhf sft` and `jaxrlhf dpo` (YAML + dotted overrides via draccus).
+"""The typed run configs of `jaxrlhf sft`, `jaxrlhf dpo` and `jaxrlhf kto` (YAML + dotted overrides via draccus).
 
-``TrainConfig`` holds what both algorithms share (model, data, optimizer, mesh,
-checkpoints, logging, the run's length); ``SftConfig`` and ``DpoConfig`` add
-their own defaults and settings. ``model_config_of`` turns the ``model`` section
+``TrainConfig`` holds what the algorithms share (model, data, optimizer, mesh,
+checkpoints, logging, the run's length); ``SftConfig``, ``DpoConfig`` and
+``KtoConfig`` add their own defaults and settings. ``model_config_of`` turns the ``model`` section
 into the architecture the decoder is built from.
 """
 
@@ -12,7 +12,9 @@ import dataclasses
 import json
 import pathlib
 
-from jaxrlhf.config import ConfigError
+import yaml
+
+from jaxrlhf.config import ConfigError, load_config
 from jaxrlhf.data import DataConfig, load_tokenizer
 from jaxrlhf.models import ModelConfig, config_from_hf
 from jaxrlhf.models.lora import LoraSpec, resolve_targets
@@ -20,7 +22,7 @@ from jaxrlhf.models.lora_io import read_peft_config
 from jaxrlhf.ops.quantize import QTYPES, quantized_shapes
 from jaxrlhf.models.presets import preset
 from jaxrlhf.parallel.mesh import MeshConfig
-from jaxrlhf.train import steps
+from jaxrlhf.train import kto_steps, steps
 from jaxrlhf.train.checkpoint import CheckpointConfig
 from jaxrlhf.train.optim import OptimConfig
 from jaxrlhf.train.sinks import LoggingConfig
@@ -196,6 +198,10 @@ class DpoConfig(TrainConfig):
     run_dir: str = "runs/dpo"
     dpo: DpoArgs = dataclasses.field(default_factory=DpoArgs)
 
+    @property
+    def reference_args(self) -> DpoArgs:
+        return self.dpo
+
     def reference_setting(self) -> str:
         """``dpo.reference``, or ``none`` when every selected loss is reference-free."""
         return "none" if self.dpo.spec().reference_free else self.dpo.reference
@@ -209,10 +215,56 @@ class DpoConfig(TrainConfig):
         return self.dpo.reference_logps or str(pathlib.Path(self.run_dir) / "ref_logps")
 
 
+@dataclasses.dataclass
+class KtoArgs:
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    """Weight of the desirable (label true) examples' losses (TRL's KTOConfig.desirable_weight)."""
+    undesirable_weight: float = 1.0
+    """Weight of the undesirable (label false) examples' losses; with unbalanced labels the run suggests both."""
+    reference_path: str = ""
+    """Reference model folder; empty = the policy's starting point (model.path). KTO's reference runs in the
+    step (a LoRA policy's is its base, adapters off)."""
+    reference_dtype: str = "bfloat16"
+    """Storage dtype of the frozen reference parameters."""
+
+    def spec(self) -> kto_steps.KtoLossSpec:
+        try:
+            return kto_steps.KtoLossSpec(self.beta, self.desirable_weight, self.undesirable_weight)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+@dataclasses.dataclass
+class KtoConfig(TrainConfig):
+    """`jaxrlhf kto`: unpaired examples labelled desirable or not (paired preference data: chosen true, rejected
+    false); data.batch_size counts examples."""
+
+    run_dir: str = "runs/kto"
+    kto: KtoArgs = dataclasses.field(default_factory=KtoArgs)
+
+    @property
+    def reference_args(self) -> KtoArgs:
+        return self.kto
+
+    def reference_setting(self) -> str:
+        return "model"
+
+    def reference_model_path(self) -> str:
+        return self.kto.reference_path or self.model.path
+
+
+def load_run_config(path: str | pathlib.Path) -> DpoConfig | KtoConfig:
+    """A run directory's config.yaml: a KTO run's as ``KtoConfig``, an SFT or DPO run's as ``DpoConfig`` (a
+    superset of ``SftConfig``)."""
+    saved = yaml.safe_load(pathlib.Path(path).read_text()) or {}
+    return load_config(KtoConfig if "kto" in saved else DpoConfig, path)
+
+
 # What a checkpoint means: the settings a resumed run must share with the run that saved it. Runtime
 # choices (compute dtype, remat, attention kernel, micro_batches, mesh, logging, loaders' threads) may change.
 _MEANINGFUL = ("seed", "max_steps", "model.path", "model.preset", "model.param_dtype", "model.scan_layers",
-               "model.lora", "model.lora.", "data.", "optim.", "dpo.")  # fmt: skip
+               "model.lora", "model.lora.", "data.", "optim.", "dpo.", "kto.")  # fmt: skip
 _RUNTIME = ("data.eval", "data.eval_batch_size", "data.worker_count", "data.worker_buffer_size", "data.read_threads",
             "data.prefetch_buffer_size", "data.cache_dir", "dpo.reference_logps")  # fmt: skip
 
@@ -294,8 +346,22 @@ def with_lora(config: ModelConfig, args: LoraArgs | None) -> ModelConfig:
         raise ConfigError(str(e)) from None
 
 
+def reference_is_base(config: DpoConfig | KtoConfig) -> bool:
+    """A LoRA policy's reference model is its base with the adapters off (TRL's default with peft), unless
+    dpo.reference_path (kto.reference_path) names another model."""
+    lora = config.model.lora is not None
+    return lora and config.reference_setting() == "model" and not config.reference_args.reference_path
+
+
+def loss_spec(config: TrainConfig, task: str):
+    """The checked loss settings of ``task``: DPO's or KTO's spec (None for SFT)."""
+    if task == "dpo":
+        return config.dpo.spec(config.micro_batches)
+    return config.kto.spec() if task == "kto" else None
+
+
 def rows_are_packed(config: TrainConfig, task: str) -> bool:
-    """Whether rows may hold several examples; padded rows (DPO always) need no segment mask in attention."""
+    """Whether rows may hold several examples; padded rows (DPO and KTO always) need no segment mask in attention."""
     return task == "sft" and config.data.packing != "none"
 
 

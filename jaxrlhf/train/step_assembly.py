@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxrlhf.models import Decoder
+from jaxrlhf.models import Decoder, ModelConfig
 from jaxrlhf.models.lora import split_adapters
 from jaxrlhf.parallel.rules import named_shardings
-from jaxrlhf.train import steps
+from jaxrlhf.train import kto_steps, steps
 from jaxrlhf.train.optim import init_opt_state, opt_state_shardings
 
 
@@ -79,6 +80,21 @@ def abstract_train_state(model_config, tx, mesh):
     return graphdef, state
 
 
+def describe_trainable(trainable, frozen, config: ModelConfig) -> str:
+    """One line on what trains: counts and bytes of the trained parameters (and of the frozen base)."""
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
+    nbytes = lambda tree: sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+    line = f"trainable parameters: {count(trainable):,} ({nbytes(trainable) / 2**20:,.1f} MiB)"
+    if frozen is None:
+        return line + " (full fine-tuning)"
+    spec = config.lora
+    quantized = "" if config.weight_qtype == "none" else f", stored {config.weight_qtype}"
+    return (
+        f"{line}: LoRA rank {spec.rank}, alpha {spec.alpha:g} on {', '.join(spec.targets)}; frozen base "
+        f"{count(frozen):,} values ({nbytes(frozen) / 2**20:,.1f} MiB{quantized})"
+    )
+
+
 def build_train_step(
     task: str,
     *,
@@ -87,37 +103,34 @@ def build_train_step(
     schedule,
     state_shardings,
     micro_batches: int = 1,
-    spec: steps.DpoLossSpec | None = None,
+    spec: steps.DpoLossSpec | kto_steps.KtoLossSpec | None = None,
     reference_logprob_fn: steps.LogprobFn | None = None,
     reference_is_frozen: bool = False,
     dropout: bool = False,
 ):
-    """The jitted ``(state, batch, ref_params=None, frozen=None) -> (state, metrics)`` of ``task`` (sft | dpo).
+    """The jitted ``(state, batch, ref_params=None, frozen=None) -> (state, metrics)`` of ``task`` (sft | dpo | kto).
 
     The output state is pinned to ``state_shardings`` and the input state donated,
     so its buffers are reused in place step after step (batches arrive sharded).
-    ``ref_params`` is DPO's frozen reference (None: precomputed or reference-free)
+    ``ref_params`` is DPO's or KTO's frozen reference (None: precomputed or reference-free)
     under ``reference_logprob_fn`` (default: the policy's); ``frozen`` a LoRA
     policy's base. ``reference_is_frozen``: the reference *is* the base (adapters
     off), so the step holds one copy of the weights, not two. ``dropout``: draw the
     policy's dropout masks from the state's key.
     """
-    if task not in ("sft", "dpo"):
-        raise ValueError(f"unknown task {task!r}: sft or dpo")
+    if task not in ("sft", "dpo", "kto"):
+        raise ValueError(f"unknown task {task!r}: sft, dpo or kto")
     common = dict(tx=tx, schedule=schedule, num_micro_batches=micro_batches, dropout=dropout)
 
     def step(state, batch, ref_params=None, frozen=None):
         policy = steps.bind_frozen(logprob_fn, frozen)
         if task == "sft":
             return steps.sft_step(state, batch, logprob_fn=policy, **common)
-        return steps.dpo_step(
-            state,
-            batch,
-            logprob_fn=policy,
-            spec=spec or steps.DpoLossSpec(),
-            ref_params=frozen if reference_is_frozen else ref_params,
-            ref_logprob_fn=reference_logprob_fn,
-            **common,
-        )
+        reference = dict(ref_params=frozen if reference_is_frozen else ref_params, ref_logprob_fn=reference_logprob_fn)
+        if task == "kto":
+            step_fn, default_spec = kto_steps.kto_step, kto_steps.KtoLossSpec
+        else:
+            step_fn, default_spec = steps.dpo_step, steps.DpoLossSpec
+        return step_fn(state, batch, logprob_fn=policy, spec=spec or default_spec(), **reference, **common)
 
     return jax.jit(step, out_shardings=(state_shardings, None), donate_argnums=(0,))
