@@ -22,7 +22,7 @@ from jaxrlhf.models.presets import preset
 from jaxrlhf.parallel import MeshConfig, make_mesh, partition_specs
 from jaxrlhf.train import steps
 from jaxrlhf.train.dry_run import plan
-from jaxrlhf.train.run_config import DpoConfig, SftConfig
+from jaxrlhf.train.run_config import DpoConfig, KtoConfig, SftConfig
 from jaxrlhf.train.verdict import GIB, PlanDoesNotFit
 from train_fixtures import sft_config
 
@@ -41,11 +41,12 @@ for args in json.loads(sys.argv[1]):
 
 
 def _task_of(path: pathlib.Path) -> str:
-    return "dpo" if "dpo" in path.name or "\ndpo:" in path.read_text() else "sft"
+    text = path.read_text()
+    return "kto" if "\nkto:" in text else "dpo" if "dpo" in path.name or "\ndpo:" in text else "sft"
 
 
 def _load(path: pathlib.Path):
-    return load_config(DpoConfig if _task_of(path) == "dpo" else SftConfig, path)
+    return load_config({"sft": SftConfig, "dpo": DpoConfig, "kto": KtoConfig}[_task_of(path)], path)
 
 
 _DEVICE_COUNTS = sorted({_load(path).dry_run_devices for path in CONFIGS})
@@ -78,9 +79,9 @@ def test_every_shipped_config_fits_its_stated_hardware(devices):
         assert gib["optimizer"] == pytest.approx(2 * gib["parameters"], abs=2e-3), (path.name, gib)
         if config.model.lora is not None:  # the base is frozen, and it is DPO's reference (no second copy)
             assert gib["frozen"] > 10 * gib["parameters"] and gib["reference"] == 0, (path.name, gib)
-        elif task == "dpo" and config.reference_setting() == "model":
+        elif task != "sft" and config.reference_setting() == "model":
             assert gib["reference"] > 0, path.name
-        elif task == "dpo":  # precomputed, none, or a reference-free loss: no reference in memory
+        elif task != "sft":  # precomputed, none, or a reference-free loss: no reference in memory
             assert gib["reference"] == 0, path.name
 
 

@@ -5,7 +5,7 @@ import dataclasses
 from jaxrlhf.data import DataConfig, DatasetConfig, asset_path
 from jaxrlhf.train.optim import OptimConfig
 from jaxrlhf.train.sinks import LoggingConfig
-from jaxrlhf.train.run_config import DpoArgs, DpoConfig, ModelArgs, SftConfig
+from jaxrlhf.train.run_config import DpoArgs, DpoConfig, KtoArgs, KtoConfig, ModelArgs, SftConfig
 
 
 def sft_config(run_dir, base, **overrides) -> SftConfig:
@@ -44,6 +44,28 @@ def dpo_config(run_dir, base, **overrides) -> DpoConfig:
         ),
         optim=OptimConfig(learning_rate=1e-3, warmup_steps=2),
         dpo=DpoArgs(beta=0.1, reference_dtype="float32"),
+        max_steps=6,
+        logging=LoggingConfig(progress_bar=False, tensorboard=False),
+        eval_at_start=False,
+        export=False,
+    )
+    return dataclasses.replace(config, **overrides)
+
+
+def kto_config(run_dir, base, **overrides) -> KtoConfig:
+    config = KtoConfig(
+        run_dir=str(run_dir),
+        model=ModelArgs(path=base, dtype="float32"),
+        data=DataConfig(
+            tokenizer=base,
+            train=[DatasetConfig(paths=[str(asset_path("kto.jsonl"))])],
+            eval_fraction=0.15,
+            max_length=48,
+            batch_size=8,
+            num_epochs=None,
+        ),
+        optim=OptimConfig(learning_rate=1e-3, warmup_steps=2),
+        kto=KtoArgs(beta=0.1, undesirable_weight=1.3, reference_dtype="float32"),
         max_steps=6,
         logging=LoggingConfig(progress_bar=False, tensorboard=False),
         eval_at_start=False,
