@@ -50,6 +50,7 @@ from jaxrlhf.train.run_config import (
     checkpoint_meaning,
     eval_micro_batches,
     model_config_of,
+    pairs_per_row,
     rows_are_packed,
 )
 from jaxrlhf.train.step_assembly import abstract_train_state, build_train_step, new_train_state, split_policy
@@ -242,7 +243,7 @@ def _reference(config: DpoConfig, mesh):
             tokenizer_path=config.data.tokenizer,
             data=config.data,
         )
-        return None, lambda batch, pair_mask=None: {**batch, "ref_logps": table.lookup(batch, pair_mask=pair_mask)}
+        return None, table.host_transform(pairs_per_row(config, "dpo"))
     return None, None
 
 
@@ -350,6 +351,7 @@ def assemble(config: TrainConfig, task: str) -> Run:
         reference_logprob_fn=reference_logprob_fn,
         reference_is_frozen=base_reference,
         dropout=model_config.uses_dropout,
+        pairs_per_row=pairs_per_row(config, task),
     )
     sharding_for = rows_sharded(mesh)
 

@@ -91,6 +91,7 @@ def build_train_step(
     reference_logprob_fn: steps.LogprobFn | None = None,
     reference_is_frozen: bool = False,
     dropout: bool = False,
+    pairs_per_row: int | None = None,
 ):
     """The jitted ``(state, batch, ref_params=None, frozen=None) -> (state, metrics)`` of ``task`` (sft | dpo).
 
@@ -100,7 +101,8 @@ def build_train_step(
     under ``reference_logprob_fn`` (default: the policy's); ``frozen`` a LoRA
     policy's base. ``reference_is_frozen``: the reference *is* the base (adapters
     off), so the step holds one copy of the weights, not two. ``dropout``: draw the
-    policy's dropout masks from the state's key.
+    policy's dropout masks from the state's key. ``pairs_per_row``: DPO rows are
+    packed with that many pair slots (``run_config.pairs_per_row``).
     """
     if task not in ("sft", "dpo"):
         raise ValueError(f"unknown task {task!r}: sft or dpo")
@@ -117,6 +119,7 @@ def build_train_step(
             spec=spec or steps.DpoLossSpec(),
             ref_params=frozen if reference_is_frozen else ref_params,
             ref_logprob_fn=reference_logprob_fn,
+            pairs_per_row=pairs_per_row,
             **common,
         )
 
