@@ -180,9 +180,13 @@ def test_pipeline_packs_whole_pairs_exactly_once(tmp_path):
         assert (b["segment_ids"] > 0).sum(-1).max() <= 64
 
 
+def packed_config(run_dir, base_model, packing, **overrides):
+    config = dpo_config(run_dir, base_model, **overrides)  # rows of 128 hold 2-4 of the shipped pairs
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, packing=packing, max_length=128))
+
+
 def test_precomputed_reference_joins_packed_pairs(base_model, tmp_path):
-    packed = lambda c: dataclasses.replace(c, data=dataclasses.replace(c.data, packing="best_fit"))  # noqa: E731
-    live = packed(dpo_config(tmp_path / "live", base_model, max_steps=2))
+    live = packed_config(tmp_path / "live", base_model, "best_fit", max_steps=2)
     run_dpo(live)
     pre = dataclasses.replace(live, run_dir=str(tmp_path / "pre"), dpo=DpoArgs(reference="precomputed", reference_dtype="float32"))
     run_precompute_ref(pre)
@@ -200,10 +204,7 @@ def _train_metrics(run_dir):
 
 
 def test_packed_dpo_run_resumes_bit_identically(base_model, tmp_path):
-    def make(run_dir, **kw):
-        config = dpo_config(run_dir, base_model, max_steps=4, **kw)
-        return dataclasses.replace(config, data=dataclasses.replace(config.data, packing="first_fit"))
-
+    make = lambda run_dir, **kw: packed_config(run_dir, base_model, "first_fit", max_steps=4, **kw)  # noqa: E731
     run_dpo(make(tmp_path / "straight"))
     run_dpo(make(tmp_path / "cut", stop_after_steps=2))
     run_dpo(make(tmp_path / "cut"))

@@ -5,6 +5,7 @@
     jaxrlhf bench --preset qwen2.5-1.5b --seq_len 4096 --dtype bfloat16 --measure "[fit]"
     jaxrlhf bench --num_layers 2 --measure "[attention]"                           # packed rows, per kernel
     jaxrlhf bench --num_layers 8 --batch 8 --seq_len 512 --measure "[scan]"      # scanned vs unrolled layers
+    jaxrlhf bench --seq_len 1024 --measure "[dpo_packing]"                      # padded vs packed DPO pair-rows
 
 What each measurement is: ``jaxrlhf.bench.suite``. Results print as tables with
 ratios and, with ``--out``, append one JSON line to a file.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+from jaxrlhf.bench.packing import measure_packing, print_packing
 from jaxrlhf.bench.report import print_report
 from jaxrlhf.bench.report import record as report_record
 from jaxrlhf.bench.suite import Bench, BenchConfig
@@ -32,7 +34,10 @@ def run(cfg: BenchConfig) -> dict:
     bench.run_scan()
     bench.run_attention()
     bench.run_fit()
+    if "dpo_packing" in cfg.measure:
+        bench.results["dpo_packing"] = measure_packing(bench)
     print_report(bench)
+    print_packing(bench)
     record = report_record(bench)
     if cfg.out:
         path = pathlib.Path(cfg.out)
