@@ -38,9 +38,9 @@ def padding_efficiency(batches) -> float:
     return real / max(total, 1)
 
 
-def _side(prompt: int, reply: int, vocab: int, rng) -> dict[str, np.ndarray]:
-    tokens = rng.integers(0, vocab, prompt + reply).astype(np.int32)
-    return {"tokens": tokens, "loss_mask": (np.arange(prompt + reply) >= prompt).astype(np.int32)}
+def _side(prompt: np.ndarray, reply: int, vocab: int, rng) -> dict[str, np.ndarray]:
+    tokens = np.concatenate([prompt, rng.integers(0, vocab, reply)]).astype(np.int32)
+    return {"tokens": tokens, "loss_mask": (np.arange(len(tokens)) >= len(prompt)).astype(np.int32)}
 
 
 def synthetic_pairs(n: int, max_length: int, vocab: int, *, seed: int = 0) -> list[dict]:
@@ -50,7 +50,7 @@ def synthetic_pairs(n: int, max_length: int, vocab: int, *, seed: int = 0) -> li
     pairs = []
     for _ in range(n):
         replies = [min(lognormal(REPLY_MEDIAN, REPLY_SIGMA), max_length - 1) for _ in range(2)]
-        prompt = min(lognormal(PROMPT_MEDIAN, PROMPT_SIGMA), max_length - max(replies))
+        prompt = rng.integers(0, vocab, min(lognormal(PROMPT_MEDIAN, PROMPT_SIGMA), max_length - max(replies)))
         pairs.append({side: _side(prompt, r, vocab, rng) for side, r in zip(("chosen", "rejected"), replies)})
     return pairs
 
