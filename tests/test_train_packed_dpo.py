@@ -213,3 +213,19 @@ def test_packed_dpo_run_resumes_bit_identically(base_model, tmp_path):
     keys = ("loss", "grad_norm", "learning_rate", "trained_tokens", "tokens", "pairs", *losses.DPO_METRIC_KEYS)
     for step in want:
         assert {k: got[step][k] for k in keys} == {k: want[step][k] for k in keys}, f"step {step} differs"
+
+
+@pytest.mark.parametrize("reference", ["model", "precomputed"])
+def test_a_packed_dpo_config_dry_runs(reference):
+    """Packed pair-rows have the padded shapes; a precomputed reference arrives as [B, max_length // 2, 2]."""
+    from jaxrlhf.config import load_config
+    from jaxrlhf.train.run_config import DpoConfig
+
+    config = load_config(DpoConfig, pathlib.Path(__file__).parent.parent / "configs" / "demo_dpo.yaml", [
+        "--dry_run", "true", "--model.preset", "tiny", "--data.tokenizer", str(asset_path("tokenizer")),
+        "--data.max_length", "64", "--data.packing", "first_fit", "--dpo.reference", reference,
+        "--dry_run_devices", "0",
+    ])  # fmt: skip
+    report = run_dpo(config)
+    ref_bytes = config.data.batch_size * 32 * 2 * 4 if reference == "precomputed" else 0  # f32 [B, 32, 2]
+    assert report["batch"] * report["devices"] == config.data.batch_size * 2 * 64 * 4 * 4 + ref_bytes
