@@ -102,7 +102,7 @@ RESUME_CASES = {
     "sft-padded": ("sft", "sft.jsonl", {}),
     "sft-packed": ("sft", "sft.jsonl", {"packing": "first_fit", "packing_bins": 3}),
     "dpo": ("dpo", "dpo.jsonl", {}),
-    "dpo-packed": ("dpo", "dpo.jsonl", {"packing": "best_fit", "packing_bins": 3}),
+    "dpo-packed": ("dpo", "dpo.jsonl", {"packing": "best_fit", "packing_bins": 3, "num_epochs": 6}),
 }
 
 
@@ -111,7 +111,7 @@ def test_resume_yields_the_identical_next_batches(tmp_path, case):
     task, name, overrides = RESUME_CASES[case]
     records = read_jsonl(asset_path(name))[:30]
     path = write_jsonl(tmp_path / "d.jsonl", records)
-    config = make_config(tmp_path, path, num_epochs=2, batch_size=3, max_length=64, **overrides)
+    config = make_config(tmp_path, path, **{"num_epochs": 2, "batch_size": 3, "max_length": 64, **overrides})
     it = make_iterator(config, task=task)
     for _ in range(7):
         next(it)

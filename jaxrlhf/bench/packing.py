@@ -2,7 +2,8 @@
 
 For each data set the pairs are laid out as training lays them out, padded (one
 pair per ``[2, T]`` row) and packed (``data.pipeline.pack_pairs``, grain's first
-fit over ``PACKING_BINS`` bins; needs grain), ``T = --seq_len``, and reported as
+fit over ``PACKING_BINS`` bins; needs grain: ``commands/bench.py`` lays them out,
+the data layer being out of this package's reach), ``T = --seq_len``, and reported as
 
 - **padding efficiency**: real tokens / row tokens (``padding_efficiency``);
 - **tokens/s**: real tokens of ``--batch / 2`` pair-rows per second of the DPO
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["padding_efficiency", "synthetic_pairs", "shipped_pairs", "measure_packing"]
+__all__ = ["padding_efficiency", "synthetic_pairs", "measure_packing", "print_packing"]
 
 PROMPT_MEDIAN, PROMPT_SIGMA = 150, 0.8
 REPLY_MEDIAN, REPLY_SIGMA = 250, 0.7
@@ -55,61 +56,24 @@ def synthetic_pairs(n: int, max_length: int, vocab: int, *, seed: int = 0) -> li
     return pairs
 
 
-def shipped_pairs(max_length: int) -> list[dict]:
-    """The pairs of ``jaxrlhf/assets/dpo.jsonl`` encoded by the shipped tokenizer (too-long pairs dropped)."""
-    import json
+def measure_packing(bench, layouts: dict, *, pairs_per_row: int) -> dict:
+    """``{"<data>/<layout>": row}`` for ``bench`` (a ``jaxrlhf.bench.suite.Bench``): efficiency, step, tokens/s.
 
-    from jaxrlhf.data import ExampleDropped, asset_path, encode_dpo, load_tokenizer
-
-    tokenizer = load_tokenizer(str(asset_path("tokenizer")))
-    pairs = []
-    for line in asset_path("dpo.jsonl").read_text().splitlines():
-        try:
-            pairs.append(encode_dpo(json.loads(line), tokenizer, max_length=max_length))
-        except ExampleDropped:
-            continue
-    return pairs
-
-
-def _layouts(pairs: list[dict], max_length: int) -> dict[str, np.ndarray]:
-    """``{"padded", "packed"}``: every pair-row ``[rows, 2, T]`` of ``pairs`` in each layout."""
-    import grain
-
-    from jaxrlhf.data.pipeline import pack_pairs, pad_row
-
-    padded = [
-        {k: np.stack([pad_row(p[s]["tokens"], p[s]["loss_mask"], max_length, 0)[k] for s in ("chosen", "rejected")])
-         for k in ("tokens", "loss_mask", "segment_ids", "positions")}
-        for p in pairs
-    ]  # fmt: skip
-    source = grain.MapDataset.source(pairs).to_iter_dataset()
-    packed = list(pack_pairs(source, packing="first_fit", max_length=max_length, bins=PACKING_BINS, seed=0,
-                             shuffle=False, pad=0))  # fmt: skip
-    return {name: {k: np.stack([r[k] for r in rows]) for k in rows[0]} for name, rows in (("padded", padded), ("packed", packed))}
-
-
-def measure_packing(bench) -> dict:
-    """``{"<data>/<layout>": row}`` for ``bench`` (a ``jaxrlhf.bench.suite.Bench``): efficiency, step, tokens/s."""
+    ``layouts``: ``{data: {"padded" | "packed": [rows, 2, T] arrays}}``, or ``{data: error}``;
+    ``pairs_per_row``: the packed step's pair slots.
+    """
     from jaxrlhf.bench.jax_steps import build_policy, compile_dpo, place, step_caller
     from jaxrlhf.bench.measure import first_line, time_calls
-    from jaxrlhf.data.validate import max_pairs_per_row
     from jaxrlhf.train.steps import DpoLossSpec
 
-    cfg, length, rows_per_step = bench.cfg, bench.cfg.seq_len, max(bench.cfg.batch // 2, 1)
-    vocab = bench.config.vocab_size
-    data = {
-        "shipped": lambda: shipped_pairs(length),
-        "ultrafeedback-like": lambda: synthetic_pairs(SYNTHETIC_PAIRS, length, vocab, seed=cfg.seed),
-    }
+    cfg, rows_per_step = bench.cfg, max(bench.cfg.batch // 2, 1)
     policy = build_policy(bench.config, bench.mesh, seed=cfg.seed)
     results = {}
-    for name, make in data.items():
-        try:
-            layouts = _layouts(make(), length)
-        except Exception as e:
-            results[name] = bench.progress(f"dpo packing {name}", {"error": f"{type(e).__name__}: {first_line(e)}"})
+    for name, by_layout in layouts.items():
+        if isinstance(by_layout, str):
+            results[name] = bench.progress(f"dpo packing {name}", {"error": by_layout})
             continue
-        for layout, rows in layouts.items():
+        for layout, rows in by_layout.items():
             key = f"{name}/{layout}"
             row = {"pairs": int(sum(r.max() for r in rows["segment_ids"][:, 0])), "rows": len(rows["tokens"]),
                    "padding_efficiency": padding_efficiency([rows])}  # fmt: skip
@@ -117,7 +81,7 @@ def measure_packing(bench) -> dict:
                 results[key] = {**row, "error": f"fewer than {rows_per_step} pair-rows"}
                 continue
             batch = {k: v[:rows_per_step] for k, v in rows.items()}
-            slots = max_pairs_per_row(length) if layout == "packed" else None
+            slots = pairs_per_row if layout == "packed" else None
             try:
                 compiled = compile_dpo(policy, place(batch, bench.mesh), DpoLossSpec(), chunk_size=bench.chunk_size(),
                                        pairs_per_row=slots)  # fmt: skip
