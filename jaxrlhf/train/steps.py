@@ -274,7 +274,7 @@ def dpo_gradients(
     reference's. ``pairs_per_row``: the rows are packed, with that many pair slots.
     """
     ref_logprob_fn = ref_logprob_fn or logprob_fn
-    num_pairs = real_pairs(batch, pairs_per_row)
+    num_pairs = jnp.maximum(real_pairs(batch, pairs_per_row), 1.0)
     chosen_tokens_per_pair = jnp.maximum(jnp.sum(batch["loss_mask"][:, 0].astype(jnp.float32)), 1.0) / num_pairs
     flat = (lambda x: x) if pairs_per_row is None else (lambda x: x.reshape(-1, *x.shape[2:]))  # [b, S, 2] -> [bS, 2]
 
@@ -339,7 +339,7 @@ def dpo_step(
         pairs_per_row=pairs_per_row,
     )
     num_pairs = real_pairs(batch, pairs_per_row)
-    metrics = {key: sums[key] / num_pairs for key in spec.metric_keys}
+    metrics = {key: sums[key] / jnp.maximum(num_pairs, 1.0) for key in spec.metric_keys}
     metrics.update(
         pairs=num_pairs,
         loss=loss,
