@@ -92,7 +92,8 @@ def build_reference(config: ModelConfig, mesh: Mesh, *, dtype: str, seed: int = 
     return nnx.split(init_model(dataclasses.replace(config, param_dtype=dtype), seed=seed, mesh=mesh))[1]
 
 
-def _compile(policy: Policy, task: str, logprob_fn, batch, *extra, spec: steps.DpoLossSpec | None = None):
+def _compile(policy: Policy, task: str, logprob_fn, batch, *extra, spec: steps.DpoLossSpec | None = None,
+             pairs_per_row: int | None = None):  # fmt: skip
     step = build_train_step(
         task,
         logprob_fn=logprob_fn,
@@ -100,6 +101,7 @@ def _compile(policy: Policy, task: str, logprob_fn, batch, *extra, spec: steps.D
         schedule=policy.schedule,
         state_shardings=jax.tree.map(lambda x: x.sharding, policy.state),
         spec=spec,
+        pairs_per_row=pairs_per_row,
     )
     with jax.set_mesh(policy.mesh):
         return step.lower(policy.state, batch, *extra).compile()
@@ -110,14 +112,18 @@ def compile_sft(policy: Policy, batch, *, chunked: bool = True, chunk_size: int 
     return _compile(policy, "sft", policy.logprob_fn(chunked=chunked, chunk_size=chunk_size, packed=packed), batch)
 
 
-def compile_dpo(policy: Policy, batch, spec: steps.DpoLossSpec, ref_params=None, *, chunk_size: int | None = None):
+def compile_dpo(
+    policy: Policy, batch, spec: steps.DpoLossSpec, ref_params=None, *, chunk_size: int | None = None,
+    pairs_per_row: int | None = None,
+):  # fmt: skip
     """The DPO step compiled for ``batch``: ``(state, batch, ref_params) -> (state, metrics)``.
 
     The reference is whatever the batch and ``ref_params`` say: ``batch["ref_logps"]``
-    (precomputed), else ``ref_params`` (frozen model in the step).
+    (precomputed), else ``ref_params`` (frozen model in the step). ``pairs_per_row``:
+    packed pair-rows (the segment-masked attention and per-segment sums).
     """
-    logprob_fn = policy.logprob_fn(chunked=True, chunk_size=chunk_size)
-    return _compile(policy, "dpo", logprob_fn, batch, ref_params, spec=spec)
+    logprob_fn = policy.logprob_fn(chunked=True, chunk_size=chunk_size, packed=pairs_per_row is not None)
+    return _compile(policy, "dpo", logprob_fn, batch, ref_params, spec=spec, pairs_per_row=pairs_per_row)
 
 
 def step_caller(compiled, policy: Policy, *args):

@@ -66,7 +66,7 @@ from jaxrlhf.models.presets import preset
 from jaxrlhf.parallel.mesh import MeshConfig, make_mesh
 from jaxrlhf.train.steps import DpoLossSpec
 
-MEASUREMENTS = ("sft", "dpo", "dpo_precomputed", "logprobs", "hf", "fit", "scan", "attention")
+MEASUREMENTS = ("sft", "dpo", "dpo_precomputed", "logprobs", "hf", "fit", "scan", "attention", "dpo_packing")
 _TINY_VOCAB = 32768
 MIB = 2**20
 
@@ -102,7 +102,7 @@ class BenchConfig:
     warmup: int = 2
     repeats: int = 5
     measure: list[str] = dataclasses.field(default_factory=lambda: ["sft", "dpo", "dpo_precomputed", "logprobs", "hf"])
-    """Any of: sft, dpo, dpo_precomputed, logprobs, hf, fit, scan, attention."""
+    """Any of: sft, dpo, dpo_precomputed, logprobs, hf, fit, scan, attention, dpo_packing."""
     logprob_vocabs: list[int] = dataclasses.field(default_factory=lambda: [32768, 128256, 151936])
     fit_batch: int = 1
     fit_budget_gib: float = 0.0

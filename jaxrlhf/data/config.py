@@ -100,11 +100,14 @@ class DataConfig:
     boundary stays untrained."""
 
     packing: Literal["none", "first_fit", "best_fit"] = "none"
-    """SFT only: pad each example to its own row, or pack several per row (eval is always padded)."""
+    """Pad each example to its own row, or pack several per row (eval is always padded). DPO packs pair-rows
+    ``[2, T]``: row 0 holds the chosen replies, row 1 the rejected ones, pair k's two sides both segment k; a pair
+    joins a row only if both sides fit (at most ``max_length // 2`` pairs: every side has >= 2 tokens)."""
     packing_bins: int = 0
     """Rows packed at a time; 0 = the per-process batch size. More bins, less padding."""
     batch_size: int = 8
-    """Global batch size (rows for SFT, pairs for DPO), split evenly over JAX processes."""
+    """Global batch size (rows for SFT, pair-rows for DPO: packed ones hold several pairs), split evenly over
+    JAX processes."""
     eval_batch_size: int = 0
     """0 = batch_size."""
     shuffle: bool = True

@@ -9,8 +9,9 @@ Per process (each JAX process reads only its contiguous slice of every dataset):
 
 Batches are dicts of numpy int32 arrays with exactly the keys of DESIGN.md:
 SFT ``tokens, loss_mask, segment_ids, positions`` each ``[B, T]``; DPO the same
-keys ``[B, 2, T]`` (index 0 chosen, 1 rejected); KTO ``[B, 2, T]`` (index 0 the
-example, 1 its KL row, see ``data.kto``) plus ``label`` ``[B]``. ``B`` is the per-process batch
+keys ``[B, 2, T]`` (index 0 chosen, 1 rejected; packed, pair k's two sides
+share segment id k); KTO ``[B, 2, T]`` (index 0 the example, 1 its KL row, see
+``data.kto``) plus ``label`` ``[B]``. ``B`` is the per-process batch
 (``batch_size // jax.process_count()``). Training drops the last partial batch.
 Eval reads each record once, unshuffled and always padded (packing would make the
 number of rows data-dependent); it keeps every example: drops and the filler
@@ -40,7 +41,7 @@ from jaxrlhf.data.errors import ExampleDropped
 from jaxrlhf.data.sources import expand_paths, open_source
 from jaxrlhf.data.tokenizer import load_tokenizer, pad_id
 
-__all__ = ["DataIterator", "make_iterator", "record_datasets", "encode_options", "pad_row", "pack_rows"]
+__all__ = ["DataIterator", "make_iterator", "record_datasets", "encode_options", "pad_row", "pack_rows", "pack_pairs"]
 
 _FILLER = {"filler": 1}  # eval elements that even out the processes' slices
 _SIDES = ("chosen", "rejected")  # index 0 and 1 of the pair axis
@@ -219,15 +220,19 @@ class _RenamePacked:
         }
 
 
-def pack_rows(ds: grain.IterDataset, *, packing: str, max_length: int, bins: int, seed: int, shuffle: bool, pad: int):
-    """Encoded SFT examples -> packed rows with ``segment_ids``/``positions``, by grain's first/best-fit packers."""
+def _packer(packing: str):
     packer = {
         "first_fit": grain.experimental.FirstFitPackIterDataset,
         "best_fit": grain.experimental.BestFitPackIterDataset,
     }
     if packing not in packer:
         raise ValueError(f"unknown packing {packing!r}; expected 'none', 'first_fit' or 'best_fit'")
-    packed = packer[packing](
+    return packer[packing]
+
+
+def pack_rows(ds: grain.IterDataset, *, packing: str, max_length: int, bins: int, seed: int, shuffle: bool, pad: int):
+    """Encoded SFT examples -> packed rows with ``segment_ids``/``positions``, by grain's first/best-fit packers."""
+    packed = _packer(packing)(
         ds,
         length_struct={"tokens": max_length, "loss_mask": max_length},
         num_packing_bins=bins,
@@ -235,6 +240,35 @@ def pack_rows(ds: grain.IterDataset, *, packing: str, max_length: int, bins: int
         shuffle_bins=shuffle,
     )
     return packed.map(_RenamePacked(pad))
+
+
+def _flat_pair(pair):
+    return {f"{side}_{key}": pair[side][key] for side in _SIDES for key in ("tokens", "loss_mask")}
+
+
+class _StackPackedPairs:
+    """Grain's packed ``<side>_tokens`` features -> ``[2, T]`` DESIGN.md keys; pad id on padding."""
+
+    def __init__(self, pad: int):
+        self._pad = pad
+
+    def __call__(self, packed):
+        rows = [_RenamePacked(self._pad)(
+            {k.removeprefix(f"{side}_"): v for k, v in packed.items() if k.startswith(f"{side}_")}
+        ) for side in _SIDES]  # fmt: skip
+        return {key: np.stack([rows[0][key], rows[1][key]]) for key in rows[0]}
+
+
+def pack_pairs(ds: grain.IterDataset, *, packing: str, max_length: int, bins: int, seed: int, shuffle: bool, pad: int):
+    """Encoded DPO pairs -> packed pair-rows ``[2, T]``: grain packs the chosen and rejected features together,
+    so a pair enters a bin only if both sides fit, and both get the same segment id (its number in the bin)."""
+    flat = ds.map(_flat_pair)
+    features = {f"{side}_{key}": max_length for side in _SIDES for key in ("tokens", "loss_mask")}
+    packed = _packer(packing)(
+        flat, length_struct=features, num_packing_bins=bins, seed=seed, shuffle_bins=shuffle,
+        max_sequences_per_bin=validate.max_pairs_per_row(max_length),
+    )  # fmt: skip
+    return packed.map(_StackPackedPairs(pad))
 
 
 class _FillBatch:
@@ -312,8 +346,6 @@ def make_iterator(
     if config.num_epochs is not None and config.num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1 or None (forever), got {config.num_epochs}")
     config.check()
-    if task == "dpo" and config.packing != "none" and training:
-        raise ValueError("packing applies to SFT; DPO rows keep each pair on its own [2, T] row (data.packing=none)")
     if task == "kto" and config.packing != "none":
         raise ValueError("data.packing: KTO rows keep each example with its KL row, unpacked (data.packing=none)")
     tokenizer = load_tokenizer(config.tokenizer)
@@ -357,8 +389,8 @@ def make_iterator(
         )
     stats = DropStats()
     it = Tally(it, stats, task=task, keep_places=not training, records=total if training else None)
-    if task == "sft" and training and config.packing != "none":
-        it = pack_rows(
+    if training and config.packing != "none":
+        it = (pack_rows if task == "sft" else pack_pairs)(
             it,
             packing=config.packing,
             max_length=config.max_length,

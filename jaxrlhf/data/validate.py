@@ -21,6 +21,7 @@ __all__ = [
     "check_example",
     "check_batch",
     "batch_keys",
+    "max_pairs_per_row",
 ]
 
 TRUNCATION_POLICIES = ("drop", "truncate_prompt")
@@ -70,6 +71,12 @@ def check_example(example: dict, *, max_length: int, origin=None) -> None:
         raise ValueError(f"{origin}: bad loss_mask {mask.tolist()}: must be 0/1, 0 at position 0, not all 0")
 
 
+def max_pairs_per_row(max_length: int) -> int:
+    """The static bound on pairs in a packed DPO pair-row of ``max_length`` tokens: every encoded side has
+    >= 2 tokens (``check_example``: position 0 is never a target, and some token is)."""
+    return max_length // 2
+
+
 def batch_keys(task: str, *, with_pair_mask: bool = False) -> tuple[str, ...]:
     """The keys of a batch: DESIGN.md's four, KTO's ``label``, and ``pair_mask`` on DPO and KTO eval batches."""
     label = ("label",) if task == "kto" else ()
@@ -94,6 +101,8 @@ def check_batch(batch: dict, *, task: str, batch_size: int, max_length: int, wit
     continues = (np.arange(max_length) > 0) & (seg != 0) & (seg == previous)
     if not np.isin(mask, (0, 1)).all() or (mask[~continues] != 0).any():
         raise ValueError("loss_mask must be 0/1 and 0 at position 0, at every segment start and on padding")
+    if task == "dpo" and (seg[:, 0].max(-1) != seg[:, 1].max(-1)).any():
+        raise ValueError("a pair-row's chosen and rejected rows must hold the same pairs (segment ids 1..k on both)")
     previous_pos = np.concatenate([np.full_like(pos[..., :1], -1), pos[..., :-1]], axis=-1)
     if (pos[continues] != previous_pos[continues] + 1).any() or (pos[~continues] != 0).any():
         raise ValueError("positions must restart at 0 in every segment (and be 0 on padding) and count up by one")

@@ -13,6 +13,7 @@ or ``[:, :-1]`` to line a mask up with log-probs.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -240,16 +241,23 @@ def sequence_logprobs(token_lp: jax.Array, loss_mask: jax.Array) -> jax.Array:
 def segment_logprobs(
     token_lp: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array, *, num_segments: int
 ) -> jax.Array:
-    """Masked sums per packed segment: ``[..., T] -> [..., num_segments]`` for segment ids 1..S.
+    """Masked sums per packed segment: ``[..., T] -> [..., num_segments]`` f32, for segment ids 1..S.
 
-    Column ``s - 1`` holds the sum over the tokens of segment ``s``; segments that
-    do not occur in a row sum to 0, and padding (id 0) is never counted.
+    Column ``s - 1`` holds ``sum(token_lp * loss_mask)`` over the tokens of segment
+    ``s`` of its row; segments that do not occur in a row sum to 0, and padding
+    (id 0) and ids above ``num_segments`` are never counted. One scatter-add of the
+    ``T`` tokens into ``rows x (S + 1)`` bins (``jax.ops.segment_sum``): no
+    ``[T, S]`` membership matrix, so S may be as large as ``T // 2``.
     """
     if not token_lp.shape == loss_mask.shape == segment_ids.shape:
         raise ValueError(
             f"token_lp {token_lp.shape}, loss_mask {loss_mask.shape} and segment_ids {segment_ids.shape} must match"
         )
-    ids = jnp.arange(1, num_segments + 1, dtype=segment_ids.dtype)
-    membership = (segment_ids[..., None, :] == ids[:, None]).astype(jnp.float32)
-    weighted = (token_lp.astype(jnp.float32) * loss_mask.astype(jnp.float32))[..., None, :]
-    return jnp.sum(membership * weighted, axis=-1)
+    lead, length = token_lp.shape[:-1], token_lp.shape[-1]
+    rows = math.prod(lead)
+    bins = num_segments + 1  # bin 0 of each row collects padding and out-of-range ids
+    ids = jnp.where(segment_ids <= num_segments, segment_ids, 0).reshape(rows, length)
+    ids = ids + bins * jnp.arange(rows, dtype=ids.dtype)[:, None]
+    weighted = token_lp.astype(jnp.float32) * loss_mask.astype(jnp.float32)
+    sums = jax.ops.segment_sum(weighted.reshape(-1), ids.reshape(-1), num_segments=rows * bins)
+    return sums.reshape(*lead, bins)[..., 1:]

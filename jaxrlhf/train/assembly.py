@@ -54,6 +54,7 @@ from jaxrlhf.train.run_config import (
     eval_micro_batches,
     loss_spec,
     model_config_of,
+    pairs_per_row,
     reference_is_base,
     rows_are_packed,
 )
@@ -232,7 +233,7 @@ def _reference(config: DpoConfig | KtoConfig, mesh):
             tokenizer_path=config.data.tokenizer,
             data=config.data,
         )
-        return None, lambda batch, pair_mask=None: {**batch, "ref_logps": table.lookup(batch, pair_mask=pair_mask)}
+        return None, table.host_transform(pairs_per_row(config, "dpo"))
     return None, None
 
 
@@ -345,6 +346,7 @@ def assemble(config: TrainConfig, task: str) -> Run:
         reference_logprob_fn=reference_logprob_fn,
         reference_is_frozen=base_reference,
         dropout=model_config.uses_dropout,
+        pairs_per_row=pairs_per_row(config, task),
     )
     sharding_for = rows_sharded(mesh)
 

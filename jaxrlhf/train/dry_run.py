@@ -39,6 +39,7 @@ from jaxrlhf.train.run_config import (
     eval_micro_batches,
     loss_spec,
     model_config_of,
+    pairs_per_row,
     reference_is_base,
     rows_are_packed,
 )
@@ -84,7 +85,9 @@ def _abstract_batch(config: TrainConfig, task: str, rows: int, mesh, *, eval_: b
         for key in ("tokens", "loss_mask", "segment_ids", "positions")
     }
     if task == "dpo" and config.reference_setting() == "precomputed":
-        batch["ref_logps"] = jax.ShapeDtypeStruct(shape[:2], jnp.float32, sharding=batch_sharding(mesh, 2))
+        slots = pairs_per_row(config, task) if not eval_ else None  # packed pair-rows: [B, S, 2]
+        ref_shape = shape[:2] if slots is None else (rows, slots, 2)
+        batch["ref_logps"] = jax.ShapeDtypeStruct(ref_shape, jnp.float32, sharding=batch_sharding(mesh, len(ref_shape)))
     for key in ("label",) * (task == "kto") + ("pair_mask",) * (task != "sft" and eval_):
         batch[key] = jax.ShapeDtypeStruct(shape[:1], jnp.int32, sharding=batch_sharding(mesh, 1))
     return batch
@@ -128,6 +131,7 @@ def plan(config: TrainConfig, task: str) -> dict:
         reference_logprob_fn=base_fn,
         reference_is_frozen=base_reference,
         dropout=model_config.uses_dropout,
+        pairs_per_row=pairs_per_row(config, task),
     )
     with jax.set_mesh(mesh):
         compiled_step = step.lower(state, batch, ref_params, frozen).compile()

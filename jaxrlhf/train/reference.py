@@ -51,18 +51,31 @@ def folder_fingerprint(folder: str | pathlib.Path, patterns: tuple[str, ...]) ->
     return digest.hexdigest()
 
 
+def _pair_key(batch: dict[str, np.ndarray], row: int, segment: int | None) -> np.ndarray:
+    digest = hashlib.blake2b(digest_size=16)
+    for side in (0, 1):
+        ids = batch["segment_ids"][row, side]
+        real = ids > 0 if segment is None else ids == segment
+        digest.update(np.ascontiguousarray(batch["tokens"][row, side][real], np.int32).tobytes())
+        digest.update(np.ascontiguousarray(batch["loss_mask"][row, side][real], np.int32).tobytes())
+        digest.update(b"|")
+    return np.frombuffer(digest.digest(), np.uint8)
+
+
 def pair_keys(batch: dict[str, np.ndarray]) -> np.ndarray:
     """``[B, 16]`` uint8: a hash of each pair's real tokens and loss masks (padding excluded)."""
-    keys = np.zeros((batch["tokens"].shape[0], 16), np.uint8)
-    for row in range(keys.shape[0]):
-        digest = hashlib.blake2b(digest_size=16)
-        for side in (0, 1):
-            real = batch["segment_ids"][row, side] > 0
-            digest.update(np.ascontiguousarray(batch["tokens"][row, side][real], np.int32).tobytes())
-            digest.update(np.ascontiguousarray(batch["loss_mask"][row, side][real], np.int32).tobytes())
-            digest.update(b"|")
-        keys[row] = np.frombuffer(digest.digest(), np.uint8)
-    return keys
+    return np.stack([_pair_key(batch, row, None) for row in range(batch["tokens"].shape[0])])
+
+
+def packed_pair_keys(batch: dict[str, np.ndarray]) -> dict[tuple[int, int], np.ndarray]:
+    """``{(row, k): key}`` for every pair k of packed pair-rows: the key ``pair_keys`` gives it padded (the same
+    tokens and masks of segment k on both sides)."""
+    return {
+        (row, int(k)): _pair_key(batch, row, int(k))
+        for row in range(batch["tokens"].shape[0])
+        for k in np.unique(batch["segment_ids"][row, 0])
+        if k > 0
+    }
 
 
 def _fingerprint(model_path: str, tokenizer_path: str, encoding: dict) -> dict:
@@ -114,20 +127,40 @@ class ReferenceTable:
     def __len__(self) -> int:
         return len(self._index)
 
-    def lookup(self, batch: dict[str, np.ndarray], *, pair_mask: np.ndarray | None = None) -> np.ndarray:
-        """``[B, 2]`` f32 reference log-probs of a host batch; padding pairs (pair_mask 0) get 0."""
+    def _find(self, key: np.ndarray) -> np.ndarray:
+        found = self._index.get(key.tobytes())
+        if found is None:
+            raise StaleReference(
+                f"a training pair is missing from the precomputed reference in {self.folder}: the dataset "
+                "changed since `jaxrlhf precompute-ref` ran; run it again"
+            )
+        return found
+
+    def lookup(
+        self, batch: dict[str, np.ndarray], *, pair_mask: np.ndarray | None = None, pairs_per_row: int | None = None
+    ) -> np.ndarray:
+        """f32 reference log-probs of a host batch: ``[B, 2]`` for padded rows (padding pairs, pair_mask 0,
+        get 0); ``[B, S, 2]`` for packed rows of ``pairs_per_row`` S slots, pair k in slot k - 1 (empty: 0)."""
+        if pairs_per_row is not None:
+            out = np.zeros((batch["tokens"].shape[0], pairs_per_row, 2), np.float32)
+            for (row, k), key in packed_pair_keys(batch).items():
+                out[row, k - 1] = self._find(key)
+            return out
         out = np.zeros((batch["tokens"].shape[0], 2), np.float32)
         for row, key in enumerate(pair_keys(batch)):
-            if pair_mask is not None and not pair_mask[row]:
-                continue
-            found = self._index.get(key.tobytes())
-            if found is None:
-                raise StaleReference(
-                    f"a training pair is missing from the precomputed reference in {self.folder}: the dataset "
-                    "changed since `jaxrlhf precompute-ref` ran; run it again"
-                )
-            out[row] = found
+            if pair_mask is None or pair_mask[row]:
+                out[row] = self._find(key)
         return out
+
+    def host_transform(self, pairs_per_row: int | None):
+        """``(batch, pair_mask=None) -> batch`` with ``ref_logps``; training rows packed with ``pairs_per_row``
+        slots when it is set (eval batches, the ones with a ``pair_mask``, are always padded)."""
+
+        def add_reference(batch, pair_mask=None):
+            slots = pairs_per_row if pair_mask is None else None
+            return {**batch, "ref_logps": self.lookup(batch, pair_mask=pair_mask, pairs_per_row=slots)}
+
+        return add_reference
 
 
 def write_reference(

@@ -16,6 +16,7 @@ import yaml
 
 from jaxrlhf.config import ConfigError, load_config
 from jaxrlhf.data import DataConfig, load_tokenizer
+from jaxrlhf.data.validate import max_pairs_per_row
 from jaxrlhf.models import ModelConfig, config_from_hf
 from jaxrlhf.models.lora import LoraSpec, resolve_targets
 from jaxrlhf.models.lora_io import read_peft_config
@@ -361,8 +362,14 @@ def loss_spec(config: TrainConfig, task: str):
 
 
 def rows_are_packed(config: TrainConfig, task: str) -> bool:
-    """Whether rows may hold several examples; padded rows (DPO and KTO always) need no segment mask in attention."""
-    return task == "sft" and config.data.packing != "none"
+    """Whether training rows may hold several examples (SFT) or pairs (DPO), so that attention needs the
+    segment mask; padded rows (eval, and KTO always) need none."""
+    return task != "kto" and config.data.packing != "none"
+
+
+def pairs_per_row(config: TrainConfig, task: str) -> int | None:
+    """The static number of pair slots of a packed DPO row (the step's ``pairs_per_row``); None: padded rows."""
+    return max_pairs_per_row(config.data.max_length) if task == "dpo" and rows_are_packed(config, task) else None
 
 
 def _valid_micro_batches(rows: int, data_parallel: int) -> list[int]:

@@ -107,6 +107,7 @@ def build_train_step(
     reference_logprob_fn: steps.LogprobFn | None = None,
     reference_is_frozen: bool = False,
     dropout: bool = False,
+    pairs_per_row: int | None = None,
 ):
     """The jitted ``(state, batch, ref_params=None, frozen=None) -> (state, metrics)`` of ``task`` (sft | dpo | kto).
 
@@ -116,7 +117,8 @@ def build_train_step(
     under ``reference_logprob_fn`` (default: the policy's); ``frozen`` a LoRA
     policy's base. ``reference_is_frozen``: the reference *is* the base (adapters
     off), so the step holds one copy of the weights, not two. ``dropout``: draw the
-    policy's dropout masks from the state's key.
+    policy's dropout masks from the state's key. ``pairs_per_row``: DPO rows are
+    packed with that many pair slots (``run_config.pairs_per_row``).
     """
     if task not in ("sft", "dpo", "kto"):
         raise ValueError(f"unknown task {task!r}: sft, dpo or kto")
@@ -128,9 +130,11 @@ def build_train_step(
             return steps.sft_step(state, batch, logprob_fn=policy, **common)
         reference = dict(ref_params=frozen if reference_is_frozen else ref_params, ref_logprob_fn=reference_logprob_fn)
         if task == "kto":
-            step_fn, default_spec = kto_steps.kto_step, kto_steps.KtoLossSpec
-        else:
-            step_fn, default_spec = steps.dpo_step, steps.DpoLossSpec
-        return step_fn(state, batch, logprob_fn=policy, spec=spec or default_spec(), **reference, **common)
+            spec_or_default = spec or kto_steps.KtoLossSpec()
+            return kto_steps.kto_step(state, batch, logprob_fn=policy, spec=spec_or_default, **reference, **common)
+        return steps.dpo_step(
+            state, batch, logprob_fn=policy, spec=spec or steps.DpoLossSpec(), pairs_per_row=pairs_per_row,
+            **reference, **common,
+        )  # fmt: skip
 
     return jax.jit(step, out_shardings=(state_shardings, None), donate_argnums=(0,))

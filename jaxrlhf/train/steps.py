@@ -4,8 +4,13 @@ A step takes the train state and one *global* batch, splits it into
 ``num_micro_batches`` micro-batches, and scans over them adding gradients.
 Normalisation is global and exact by construction: SFT divides every micro-batch's
 summed NLL by the trained-token count of the whole global batch, DPO divides its
-summed per-pair losses by the global number of pairs, so 8x1 accumulation equals
-1x8 up to float rounding (never a mean of means).
+summed per-pair losses by the global number of real pairs, so 8x1 accumulation
+equals 1x8 up to float rounding (never a mean of means).
+
+DPO rows are padded (one pair per ``[2, T]`` row) or, with a static
+``pairs_per_row`` S, packed: pair k of a row is segment k on both sides, and
+per-pair arrays become ``[b, S, 2]`` slots, flattened to ``b * S`` pairs with a
+pair mask (slots without a pair are masked out of the loss and the metrics).
 
 Steps are pure and model-agnostic: ``logprob_fn(params, tokens, positions,
 segment_ids) -> token_lp [b, T]`` is the only thing they know of the model
@@ -17,6 +22,7 @@ the frozen base, an argument of the jitted step like the adapters themselves.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -188,24 +194,42 @@ def sft_step(
     return _apply_gradients(state, grads, tx), metrics
 
 
-def pair_logps(logprob_fn: LogprobFn, params, mb: dict, **kwargs) -> tuple[jax.Array, jax.Array]:
-    """Summed log-probs ``[b, 2]`` of chosen (0) and rejected (1) in one forward pass, and lengths ``[b, 2]``."""
+def pair_logps(
+    logprob_fn: LogprobFn, params, mb: dict, *, pairs_per_row: int | None = None, **kwargs
+) -> tuple[jax.Array, jax.Array]:
+    """Summed log-probs of chosen (0) and rejected (1) in one forward pass, and their trained-token lengths:
+    ``[b, 2]`` for padded rows; ``[b, S, 2]`` for packed rows of ``pairs_per_row`` S slots (pair k in slot k - 1)."""
     b, two, length = mb["tokens"].shape
     flat = {k: mb[k].reshape(b * two, length) for k in ("tokens", "positions", "segment_ids", "loss_mask")}
     token_lp = logprob_fn(params, flat["tokens"], flat["positions"], flat["segment_ids"], **kwargs)
-    seq = logprobs.sequence_logprobs(token_lp, flat["loss_mask"]).reshape(b, two)
-    lengths = jnp.sum(mb["loss_mask"], axis=-1).astype(jnp.float32)
-    return seq, lengths
+    if pairs_per_row is None:
+        seq = logprobs.sequence_logprobs(token_lp, flat["loss_mask"]).reshape(b, two)
+        return seq, jnp.sum(mb["loss_mask"], axis=-1).astype(jnp.float32)
+    per_segment = functools.partial(
+        logprobs.segment_logprobs, segment_ids=flat["segment_ids"], num_segments=pairs_per_row
+    )
+    seq = per_segment(token_lp, flat["loss_mask"]).reshape(b, two, pairs_per_row)
+    lengths = per_segment(jnp.ones_like(token_lp), flat["loss_mask"]).reshape(b, two, pairs_per_row)
+    return jnp.swapaxes(seq, 1, 2), jnp.swapaxes(lengths, 1, 2)
+
+
+def packed_pair_mask(segment_ids: jax.Array, pairs_per_row: int) -> jax.Array:
+    """``[b, S]`` f32: 1 where slot k - 1 of a packed pair-row ``[b, 2, T]`` holds a pair (segment k occurs)."""
+    chosen = segment_ids[:, 0]
+    present = jnp.ones(chosen.shape, jnp.float32)
+    return (logprobs.segment_logprobs(present, present, chosen, num_segments=pairs_per_row) > 0).astype(jnp.float32)
 
 
 def dpo_pair_terms(
-    policy: jax.Array, reference: jax.Array, lengths: jax.Array, spec: DpoLossSpec, *, chosen_tokens_per_pair
+    policy: jax.Array, reference: jax.Array, lengths: jax.Array, spec: DpoLossSpec, *, chosen_tokens_per_pair,
+    pair_mask: jax.Array | None = None,
 ):
-    """DPO loss of a micro-batch as a *sum over its pairs*, plus its metrics (sums over pairs).
+    """DPO loss of a micro-batch as a *sum over its (real) pairs*, plus its metrics (sums over real pairs).
 
     ``chosen_tokens_per_pair`` is the *global* batch's: after the caller divides by
-    the global number of pairs, an ``sft`` term is exactly -sum(logp_chosen) /
-    (global chosen tokens), however the batch was split.
+    the global number of real pairs, an ``sft`` term is exactly -sum(logp_chosen) /
+    (global chosen tokens), however the batch was split. ``pair_mask`` ``[N]``
+    marks the real pairs (None: all).
     """
     loss, metrics = losses.dpo_loss(
         policy[:, 0],
@@ -223,8 +247,9 @@ def dpo_pair_terms(
         orpo_lambda=spec.orpo_lambda,
         simpo_gamma=spec.simpo_gamma,
         cpo_alpha=spec.cpo_alpha,
+        pair_mask=pair_mask,
     )
-    num_pairs = policy.shape[0]
+    num_pairs = policy.shape[0] if pair_mask is None else jnp.sum(pair_mask)
     return loss * num_pairs, {key: metrics[key] * num_pairs for key in spec.metric_keys}
 
 
@@ -238,37 +263,52 @@ def dpo_gradients(
     ref_logprob_fn: LogprobFn | None = None,
     num_micro_batches: int = 1,
     rng=None,
+    pairs_per_row: int | None = None,
 ):
     """Loss, gradients and summed metrics of DPO on a global batch ``[B, 2, T]``.
 
-    The reference comes from ``batch["ref_logps"]`` ``[B, 2]`` when present
-    (precomputed), else from ``ref_params`` under ``ref_logprob_fn`` (default:
-    the policy's; a LoRA policy's reference is its base, adapters off), else it
-    is 0 (reference-free). ``rng``: the policy's dropout, never the reference's.
+    The reference comes from ``batch["ref_logps"]`` (precomputed: ``[B, 2]``, packed
+    ``[B, S, 2]``) when present, else from ``ref_params`` under ``ref_logprob_fn``
+    (default: the policy's; a LoRA policy's reference is its base, adapters off),
+    else it is 0 (reference-free). ``rng``: the policy's dropout, never the
+    reference's. ``pairs_per_row``: the rows are packed, with that many pair slots.
     """
     ref_logprob_fn = ref_logprob_fn or logprob_fn
-    num_pairs = batch["tokens"].shape[0]
+    num_pairs = jnp.maximum(real_pairs(batch, pairs_per_row), 1.0)
     chosen_tokens_per_pair = jnp.maximum(jnp.sum(batch["loss_mask"][:, 0].astype(jnp.float32)), 1.0) / num_pairs
+    flat = (lambda x: x) if pairs_per_row is None else (lambda x: x.reshape(-1, *x.shape[2:]))  # [b, S, 2] -> [bS, 2]
 
     def loss_and_grad(params, mb):
+        logps = functools.partial(pair_logps, mb=mb, pairs_per_row=pairs_per_row)
         if "ref_logps" in mb:
             reference = mb["ref_logps"].astype(jnp.float32)
         elif ref_params is not None:
-            reference = jax.lax.stop_gradient(pair_logps(ref_logprob_fn, ref_params, mb)[0])
+            reference = jax.lax.stop_gradient(logps(ref_logprob_fn, ref_params)[0])
         else:
-            reference = jnp.zeros(mb["tokens"].shape[:2], jnp.float32)
+            reference = None  # reference-free: zeros of the policy's shape
+        pair_mask = None if pairs_per_row is None else flat(packed_pair_mask(mb["segment_ids"], pairs_per_row))
 
         def loss_fn(params):
-            policy, lengths = pair_logps(logprob_fn, params, mb, **_dropout(mb))
+            policy, lengths = logps(logprob_fn, params, **_dropout(mb))
+            policy, lengths = flat(policy), flat(lengths)
+            ref = jnp.zeros_like(policy) if reference is None else flat(reference)
             total, metrics = dpo_pair_terms(
-                policy, reference, lengths, spec, chosen_tokens_per_pair=chosen_tokens_per_pair
-            )
+                policy, ref, lengths, spec, chosen_tokens_per_pair=chosen_tokens_per_pair,
+                pair_mask=pair_mask,
+            )  # fmt: skip
             metrics["trained_tokens"] = jnp.sum(lengths)
             return total / num_pairs, metrics
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
     return _accumulate(loss_and_grad, params, _with_rngs(split_micro_batches(batch, num_micro_batches), num_micro_batches, rng))
+
+
+def real_pairs(batch: dict, pairs_per_row: int | None = None) -> jax.Array:
+    """The number of real pairs of a global batch (f32): its rows when padded, its pair slots in use when packed."""
+    if pairs_per_row is None:
+        return jnp.float32(batch["tokens"].shape[0])
+    return jnp.sum(packed_pair_mask(batch["segment_ids"], pairs_per_row))
 
 
 def dpo_step(
@@ -283,8 +323,10 @@ def dpo_step(
     ref_logprob_fn: LogprobFn | None = None,
     num_micro_batches: int = 1,
     dropout: bool = False,
+    pairs_per_row: int | None = None,
 ):
-    """One optimizer step of DPO on a global batch of ``[B, 2, T]`` arrays (``dropout``: the policy has some)."""
+    """One optimizer step of DPO on a global batch of ``[B, 2, T]`` arrays (``dropout``: the policy has some;
+    ``pairs_per_row``: packed rows). Metrics are means over the real pairs, ``pairs`` their count."""
     loss, grads, sums = dpo_gradients(
         state.params,
         batch,
@@ -294,10 +336,12 @@ def dpo_step(
         ref_logprob_fn=ref_logprob_fn,
         num_micro_batches=num_micro_batches,
         rng=_step_rng(state) if dropout else None,
+        pairs_per_row=pairs_per_row,
     )
-    num_pairs = batch["tokens"].shape[0]
-    metrics = {key: sums[key] / num_pairs for key in spec.metric_keys}
+    num_pairs = real_pairs(batch, pairs_per_row)
+    metrics = {key: sums[key] / jnp.maximum(num_pairs, 1.0) for key in spec.metric_keys}
     metrics.update(
+        pairs=num_pairs,
         loss=loss,
         grad_norm=optax.tree.norm(grads),
         learning_rate=schedule(state.step),
