@@ -20,20 +20,22 @@ from rich.console import Console
 from jaxrlhf.data.config import DatasetConfig
 from jaxrlhf.data.inspect import example_json, scan, show_examples, summary_table
 from jaxrlhf.data.tokenizer import load_tokenizer
-from jaxrlhf.train.run_config import DpoConfig
+from jaxrlhf.train.run_config import DpoConfig, KtoArgs
 
 
 @dataclasses.dataclass
 class InspectConfig(DpoConfig):
-    """Settings of ``jaxrlhf inspect-data``: a run config's keys (``--config_path`` of an SFT or DPO run works;
+    """Settings of ``jaxrlhf inspect-data``: a run config's keys (``--config_path`` of an SFT, DPO or KTO run works;
     only its ``data`` section is read), and what to show."""
 
     file: str | None = None
     """A data file or glob to inspect instead of data.train."""
     tokenizer: str | None = None
     """Tokenizer folder (overrides data.tokenizer)."""
-    task: Literal["auto", "sft", "dpo"] = "auto"
-    """auto: dpo when the records have chosen/rejected fields."""
+    kto: KtoArgs = dataclasses.field(default_factory=KtoArgs)
+    """Read (and ignored) so that a KTO run's config works as --config_path."""
+    task: Literal["auto", "sft", "dpo", "kto"] = "auto"
+    """auto: kto when the records have a label field, dpo when they have chosen/rejected fields."""
     split: Literal["train", "eval"] = "train"
     """Which split of the data config to read (records in file order, unshuffled)."""
     num_examples: int = 3

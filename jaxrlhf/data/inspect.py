@@ -23,6 +23,7 @@ from jaxrlhf.data.config import DataConfig, DatasetConfig
 from jaxrlhf.data.encode import boundary_merged, encode_dpo, encode_sft_examples
 from jaxrlhf.data.errors import DataError, ExampleDropped
 from jaxrlhf.data.formats import PREFERENCE_FORMATS
+from jaxrlhf.data.kto import encode_kto, is_paired
 from jaxrlhf.data.pipeline import encode_options, pack_rows, record_datasets
 from jaxrlhf.data.tokenizer import load_tokenizer, pad_id
 
@@ -45,10 +46,27 @@ class ScanResult:
 def _detect_task(dataset: DatasetConfig, rows) -> str:
     if dataset.format in PREFERENCE_FORMATS:
         return "dpo"
+    if dataset.format == "unpaired_preference":
+        return "kto"
     if dataset.format != "auto" or len(rows) == 0:
         return "sft"
     first = rows[0].data
+    if dataset.columns.label in first:
+        return "kto"
     return "dpo" if dataset.columns.chosen in first and dataset.columns.rejected in first else "sft"
+
+
+def _encoder(task: str):
+    if task == "kto":
+        return encode_kto
+    return encode_sft_examples if task == "sft" else (lambda *a, **kw: ([encode_dpo(*a, **kw)], []))
+
+
+def _where(task: str, k: int, n: int, example: dict) -> str:
+    """What distinguishes the k-th of a record's n examples: its assistant turn, or (KTO) its label."""
+    if task == "kto":
+        return f", label {'true (desirable)' if example['label'] else 'false (undesirable)'}"
+    return f", assistant turn {k + 1} of {n}" if n > 1 else ""
 
 
 def scan(config: DataConfig, *, task: str = "auto", split: str = "train", limit: int | None = None) -> ScanResult:
@@ -58,7 +76,7 @@ def scan(config: DataConfig, *, task: str = "auto", split: str = "train", limit:
     if task == "auto":
         task = _detect_task(*datasets[0])
     tokenizer = load_tokenizer(config.tokenizer)
-    encode = encode_sft_examples if task == "sft" else (lambda *a, **kw: ([encode_dpo(*a, **kw)], []))
+    encode = _encoder(task)
     options = encode_options(config, task)
     result = ScanResult(task)
     for dataset, rows in datasets:
@@ -79,15 +97,18 @@ def scan(config: DataConfig, *, task: str = "auto", split: str = "train", limit:
                 for reason in dropped:
                     result.dropped[reason] = result.dropped.get(reason, 0) + 1
                 for k, example in enumerate(examples):
-                    turn = f", assistant turn {k + 1} of {len(examples)}" if len(examples) > 1 else ""
-                    result.examples.append((f"{row.origin}{turn}", example))
-                merged = boundary_merged(row.data, tokenizer, task=task, columns=dataset.columns, fmt=dataset.format)
+                    result.examples.append((f"{row.origin}{_where(task, k, len(examples), example)}", example))
+                kind = task
+                if task == "kto":
+                    kind = "dpo" if is_paired(row.data, dataset.columns, dataset.format, row.origin) else "sft"
+                fmt = "prompt_completion" if task == "kto" and kind == "sft" else dataset.format
+                merged = boundary_merged(row.data, tokenizer, task=kind, columns=dataset.columns, fmt=fmt)
                 result.boundary_merges += merged
     return result
 
 
 def _sequences(result: ScanResult) -> list[dict]:
-    if result.task == "sft":
+    if result.task != "dpo":
         return [example for _, example in result.examples]
     return [example[side] for _, example in result.examples for side in ("chosen", "rejected")]
 
@@ -112,6 +133,9 @@ def summary_table(result: ScanResult, config: DataConfig, tokenizer) -> Table:
     for reason, n in sorted(result.dropped.items()):
         table.add_row(f"dropped: {reason}", str(n))
     table.add_row("bad records", str(len(result.errors)))
+    if result.task == "kto":
+        desirable = sum(int(example["label"]) for _, example in result.examples)
+        table.add_row("labels: desirable / undesirable", f"{desirable} / {len(result.examples) - desirable}")
     if result.boundary_merges:
         # The prompt/reply boundary of plain strings falls inside a token: `split` trains those characters.
         verdict = "trained" if config.string_boundary == "split" else "NOT trained"
@@ -155,7 +179,7 @@ def show_examples(console: Console, tokenizer, result: ScanResult, n: int) -> No
     for origin, example in result.examples[:n]:
         console.rule()
         console.print(origin, style="bold", soft_wrap=True, markup=False, highlight=False)
-        sides = {"": example} if result.task == "sft" else example
+        sides = example if result.task == "dpo" else {"": example}
         for side, seq in sides.items():
             trained = int(seq["loss_mask"].sum())
             console.print(f"[bold]{side}[/bold] " * bool(side) + f"{len(seq['tokens'])} tokens, {trained} trained")
@@ -167,5 +191,7 @@ def example_json(tokenizer, origin: str, example: dict, task: str) -> str:
         tokens = seq["tokens"].tolist()
         return {"tokens": tokens, "pieces": _pieces(tokenizer, tokens), "loss_mask": seq["loss_mask"].tolist()}
 
-    body = side(example) if task == "sft" else {k: side(example[k]) for k in ("chosen", "rejected")}
+    body = {k: side(example[k]) for k in ("chosen", "rejected")} if task == "dpo" else side(example)
+    if task == "kto":
+        body["label"] = bool(example["label"])
     return json.dumps({"origin": origin, **body}, ensure_ascii=False)
