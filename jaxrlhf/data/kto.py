@@ -80,8 +80,7 @@ def encode_kto(
     origin = record_origin(record, origin, columns)
     if is_paired(record, columns, fmt, origin):
         pair = encode_dpo(
-            record, tokenizer, max_length=max_length, columns=columns, origin=origin,
-            fmt="auto" if fmt == "auto" else fmt, **options,
+            record, tokenizer, max_length=max_length, columns=columns, origin=origin, fmt=fmt, **options,
         )  # fmt: skip
         return [dict(pair["chosen"], label=np.int32(1)), dict(pair["rejected"], label=np.int32(0))], []
     label = np.int32(kto_label(record, columns, origin))

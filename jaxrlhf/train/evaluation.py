@@ -39,6 +39,28 @@ def sft_evaluator(
     return evaluate
 
 
+def _pair_evaluator(rows_fn, metrics_fn, logprob_fn, eval_batches, *, ref_params, micro_batches, ref_logprob_fn,
+                    frozen):  # fmt: skip
+    """``state -> metrics_fn(rows of every eval batch, gathered from every process)``; ``rows_fn`` is a jit-able
+    ``(params, batch, *, logprob_fn, ref_params, ref_logprob_fn, num_micro_batches) -> per-row arrays``."""
+
+    @jax.jit
+    def eval_rows(params, batch, ref_params, frozen):
+        return rows_fn(
+            params, batch, logprob_fn=steps.bind_frozen(logprob_fn, frozen), ref_params=ref_params,
+            ref_logprob_fn=ref_logprob_fn, num_micro_batches=micro_batches,
+        )  # fmt: skip
+
+    def evaluate(state) -> dict[str, float]:
+        rows = [
+            multihost_utils.process_allgather(eval_rows(state.params, batch, ref_params, frozen), tiled=True)
+            for batch in eval_batches()
+        ]
+        return metrics_fn(rows)
+
+    return evaluate
+
+
 def dpo_evaluator(
     logprob_fn: steps.LogprobFn,
     eval_batches: Callable[[], Iterator[dict]],
@@ -51,26 +73,10 @@ def dpo_evaluator(
 ):
     """``state -> DPO metrics`` (loss, rewards, margins, accuracies) over every eval pair (``frozen``: a LoRA
     policy's base; ``ref_logprob_fn``: the reference's, default the policy's)."""
-
-    @jax.jit
-    def eval_pairs(params, batch, ref_params, frozen):
-        return steps.dpo_eval_pairs(
-            params,
-            batch,
-            logprob_fn=steps.bind_frozen(logprob_fn, frozen),
-            ref_params=ref_params,
-            ref_logprob_fn=ref_logprob_fn,
-            num_micro_batches=micro_batches,
-        )
-
-    def evaluate(state) -> dict[str, float]:
-        pairs = [
-            multihost_utils.process_allgather(eval_pairs(state.params, batch, ref_params, frozen), tiled=True)
-            for batch in eval_batches()
-        ]
-        return steps.dpo_eval_metrics(pairs, spec)
-
-    return evaluate
+    return _pair_evaluator(
+        steps.dpo_eval_pairs, lambda pairs: steps.dpo_eval_metrics(pairs, spec), logprob_fn, eval_batches,
+        ref_params=ref_params, micro_batches=micro_batches, ref_logprob_fn=ref_logprob_fn, frozen=frozen,
+    )  # fmt: skip
 
 
 def kto_evaluator(
@@ -84,19 +90,7 @@ def kto_evaluator(
     frozen=None,
 ):
     """``state -> KTO metrics`` over every eval example, the reference point from all of their KL rows."""
-
-    @jax.jit
-    def eval_rows(params, batch, ref_params, frozen):
-        return kto_steps.kto_eval_rows(
-            params, batch, logprob_fn=steps.bind_frozen(logprob_fn, frozen), ref_params=ref_params,
-            ref_logprob_fn=ref_logprob_fn, num_micro_batches=micro_batches,
-        )  # fmt: skip
-
-    def evaluate(state) -> dict[str, float]:
-        rows = [
-            multihost_utils.process_allgather(eval_rows(state.params, batch, ref_params, frozen), tiled=True)
-            for batch in eval_batches()
-        ]
-        return kto_steps.kto_eval_metrics(rows, spec)
-
-    return evaluate
+    return _pair_evaluator(
+        kto_steps.kto_eval_rows, lambda rows: kto_steps.kto_eval_metrics(rows, spec), logprob_fn, eval_batches,
+        ref_params=ref_params, micro_batches=micro_batches, ref_logprob_fn=ref_logprob_fn, frozen=frozen,
+    )  # fmt: skip

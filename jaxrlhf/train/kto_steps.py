@@ -136,15 +136,13 @@ def kto_step(
 
 
 def kto_eval_rows(params, batch: dict, *, logprob_fn, ref_params, ref_logprob_fn=None, num_micro_batches: int = 1):
-    """Policy and reference log-probs ``[B, 2]`` of both rows of an eval batch, with ``label`` and ``pair_mask``."""
-
-    def rows(mb):
-        policy, _ = steps.pair_logps(logprob_fn, params, mb)
-        reference, _ = steps.pair_logps(ref_logprob_fn or logprob_fn, ref_params, mb)
-        return {"policy": policy, "reference": reference, "label": mb["label"], "pair_mask": mb["pair_mask"]}
-
-    out = steps._per_micro_batch(rows, batch, num_micro_batches)
-    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), out)
+    """Policy and reference log-probs ``[B, 2]`` of both rows of an eval batch (DPO's eval pass: row 1 is the KL
+    row), with ``label`` and ``pair_mask``."""
+    rows = steps.dpo_eval_pairs(
+        params, batch, logprob_fn=logprob_fn, ref_params=ref_params, ref_logprob_fn=ref_logprob_fn,
+        num_micro_batches=num_micro_batches,
+    )  # fmt: skip
+    return {**rows, "label": batch["label"]}
 
 
 def kto_eval_metrics(rows: Sequence[dict], spec: KtoLossSpec) -> dict[str, float]:
