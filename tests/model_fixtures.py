@@ -54,10 +54,25 @@ def hf_config(name: str):
         return transformers.Qwen3Config(**_TINY_HF, head_dim=32)
     if name == "mistral":  # sliding window on every layer, shorter than the test sequences
         return transformers.MistralConfig(**_TINY_HF, sliding_window=5)
+    if name == "gemma2":  # 4 layers (sliding, global) x 2, scale from query_pre_attn_scalar, caps that bite
+        return transformers.Gemma2Config(
+            **{**_TINY_HF, "num_hidden_layers": 4}, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+            attn_logit_softcapping=1.5, final_logit_softcapping=4.0,
+        )  # fmt: skip
+    if name == "gemma3":  # 7 layers (sliding, sliding, global) x 2 + sliding; v5's per-layer-type RoPE
+        rope = {
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        }
+        layer_types = ["sliding_attention", "sliding_attention", "full_attention"] * 2 + ["sliding_attention"]
+        return transformers.Gemma3TextConfig(
+            **{**_TINY_HF, "num_hidden_layers": 7}, head_dim=16, query_pre_attn_scalar=20, sliding_window=4,
+            layer_types=layer_types, rope_parameters=rope,
+        )  # fmt: skip
     raise KeyError(name)
 
 
-HF_VARIANTS = ("llama2", "llama3", "qwen2", "qwen3", "mistral")
+HF_VARIANTS = ("llama2", "llama3", "qwen2", "qwen3", "mistral", "gemma2", "gemma3")
 
 
 class HFZoo:

@@ -2,7 +2,8 @@
 
 Rows hold many short segments, one segment filling the row, or segments then
 padding (segment 0); queries are grouped 4:1 over keys; the sliding window is
-HF's (keys less than ``window`` back). Values and gradients of q, k and v are
+HF's (keys less than ``window`` back); Gemma's scale and tanh soft cap are
+applied where a case names them. Values and gradients of q, k and v are
 compared on real tokens (padding outputs are never used). Then: the kernels under
 ``shard_map`` on a mesh equal them unsharded, ``auto`` picks per platform, and a
 packed row's compiled memory grows about linearly in T with a flash kernel
@@ -39,38 +40,45 @@ def _inputs(seed=0):
     return q, k, v, cotangent
 
 
-def _reference(q, k, v, segment_ids, window):
-    """float64 numpy: softmax(q k / sqrt(D) masked) v, causal, same segment, HF window; and its VJP."""
+def _reference(q, k, v, segment_ids, window, scale=D**-0.5, soft_cap=None):
+    """float64 numpy: softmax(cap(q k * scale) masked) v, causal, same segment, HF window; and its VJP."""
     group = H // KV
     kr, vr = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
     i = np.arange(T)
     allowed = (i[:, None] >= i[None, :])[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
     if window is not None:
         allowed &= (i[:, None] - i[None, :] < window)[None]
-    scores = np.einsum("bqhd,bkhd->bhqk", q, kr) / np.sqrt(D)
+    scores = np.einsum("bqhd,bkhd->bhqk", q, kr) * scale
+    if soft_cap is not None:
+        scores = soft_cap * np.tanh(scores / soft_cap)
     scores = np.where(allowed[:, None], scores, -np.inf)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
     return np.einsum("bhqk,bkhd->bqhd", weights, vr), weights, kr, vr
 
 
-def _reference_grads(q, k, v, cotangent, segment_ids, window):
-    _, weights, kr, vr = _reference(q, k, v, segment_ids, window)
+def _reference_grads(q, k, v, cotangent, segment_ids, window, scale=D**-0.5, soft_cap=None):
+    _, weights, kr, vr = _reference(q, k, v, segment_ids, window, scale, soft_cap)
     d_out = np.transpose(cotangent, (0, 2, 1, 3))  # [B, H, T, D]
     d_v = np.einsum("bhqk,bhqd->bkhd", weights, d_out)
     d_weights = np.einsum("bhqd,bkhd->bhqk", d_out, vr)
-    d_scores = weights * (d_weights - (d_weights * weights).sum(-1, keepdims=True)) / np.sqrt(D)
+    d_scores = weights * (d_weights - (d_weights * weights).sum(-1, keepdims=True)) * scale
+    if soft_cap is not None:  # through cap * tanh(s / cap): 1 - tanh^2 at the uncapped scores
+        raw = np.einsum("bqhd,bkhd->bhqk", q, kr) * scale
+        d_scores = d_scores * (1 - np.tanh(raw / soft_cap) ** 2)
     d_q = np.einsum("bhqk,bkhd->bqhd", d_scores, kr)
     d_k = np.einsum("bhqk,bqhd->bkhd", d_scores, q)
     fold = lambda g: g.reshape(B, T, KV, H // KV, D).sum(3)  # noqa: E731 - grouped heads share K/V
     return d_q, fold(d_k), fold(d_v)
 
 
-def _kernel_and_grads(impl, q, k, v, cotangent, segment_ids, window):
+def _kernel_and_grads(impl, q, k, v, cotangent, segment_ids, window, scale=None, soft_cap=None):
     real = jnp.asarray(segment_ids != 0)[:, :, None, None]
 
     def loss(q, k, v):
-        out = attention.attend(q, k, v, segment_ids=jnp.asarray(segment_ids), window=window, impl=impl)
+        out = attention.attend(
+            q, k, v, segment_ids=jnp.asarray(segment_ids), window=window, impl=impl, scale=scale, soft_cap=soft_cap
+        )
         return jnp.sum(jnp.where(real, out * cotangent, 0.0)), out
 
     grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(
@@ -79,27 +87,31 @@ def _kernel_and_grads(impl, q, k, v, cotangent, segment_ids, window):
     return np.asarray(out), [np.asarray(g) for g in grads]
 
 
-CASES = [(impl, row, None) for impl in ("splash", "pallas_gpu") for row in ROWS]
-CASES += [("splash", "many_short_segments", 6), ("xla", "many_short_segments", 6)]
+CASES = [(impl, row, None, None) for impl in ("splash", "pallas_gpu") for row in ROWS]
+CASES += [("splash", "many_short_segments", 6, None), ("xla", "many_short_segments", 6, None)]
+# Gemma 2's layers: scale 1 / sqrt(24) (query_pre_attn_scalar) and scores capped at 0.7 (tanh well off linear).
+CASES += [(impl, "many_short_segments", window, 0.7) for impl in ("splash", "xla") for window in (None, 6)]
 
 
-@pytest.mark.parametrize("impl, row, window", CASES)
-def test_kernel_equals_float64_reference(impl, row, window):
+@pytest.mark.parametrize("impl, row, window, soft_cap", CASES)
+def test_kernel_equals_float64_reference(impl, row, window, soft_cap):
     q, k, v, cotangent = _inputs()
     segment_ids = np.asarray(ROWS[row], np.int32)
     real = segment_ids != 0
     cotangent = cotangent * real[:, :, None, None]  # padding outputs carry no gradient, as in the losses
-    out, grads = _kernel_and_grads(impl, q, k, v, cotangent, segment_ids, window)
-    expected, *_ = _reference(q, k, v, segment_ids, window)
+    scale = D**-0.5 if soft_cap is None else 24**-0.5
+    out, grads = _kernel_and_grads(impl, q, k, v, cotangent, segment_ids, window, scale, soft_cap)
+    expected, *_ = _reference(q, k, v, segment_ids, window, scale, soft_cap)
     np.testing.assert_allclose(out[real], expected[real], atol=2e-5)
-    for got, want in zip(grads, _reference_grads(q, k, v, cotangent, segment_ids, window)):
+    for got, want in zip(grads, _reference_grads(q, k, v, cotangent, segment_ids, window, scale, soft_cap)):
         np.testing.assert_allclose(got, want, atol=5e-5)
 
 
-def test_pallas_gpu_refuses_a_window():
+@pytest.mark.parametrize("arguments", [{"window": 4}, {"soft_cap": 50.0}])
+def test_pallas_gpu_refuses_a_window_or_soft_cap(arguments):
     q, k, v, _ = (jnp.asarray(x, jnp.float32) for x in _inputs())
-    with pytest.raises(ValueError, match="pallas_gpu has no sliding window"):
-        attention.attend(q, k, v, window=4, impl="pallas_gpu")
+    with pytest.raises(ValueError, match="pallas_gpu has no sliding window or soft cap"):
+        attention.attend(q, k, v, impl="pallas_gpu", **arguments)
 
 
 @pytest.mark.parametrize(

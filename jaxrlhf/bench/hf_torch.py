@@ -33,7 +33,8 @@ import tempfile
 
 from jaxrlhf.bench.batches import dpo_batch, sft_batch
 from jaxrlhf.bench.measure import time_calls
-from jaxrlhf.models.config import ModelConfig, config_to_hf
+from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.hf_config import config_to_hf
 
 
 @dataclasses.dataclass(frozen=True)

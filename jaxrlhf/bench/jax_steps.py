@@ -50,7 +50,10 @@ def full_logits_logprob_fn(graphdef: nnx.GraphDef):
         model = nnx.merge(graphdef, params)
         # One example per row, as in the chunked path: no segment mask in attention.
         hidden = model(tokens, positions=positions, segment_ids=None)
-        return logprobs.token_logprobs(hidden @ model.lm_head_matrix(), tokens, segment_ids=segment_ids)
+        soft_cap = model.config.final_logit_softcapping
+        return logprobs.token_logprobs(
+            hidden @ model.lm_head_matrix(), tokens, segment_ids=segment_ids, soft_cap=soft_cap
+        )
 
     return logprob_fn
 

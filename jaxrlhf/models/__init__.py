@@ -1,4 +1,4 @@
-"""Flax NNX decoders (Llama, Mistral, Qwen2, Qwen3) and Hugging Face checkpoints in and out.
+"""Flax NNX decoders (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3) and Hugging Face checkpoints in and out.
 
     from jaxrlhf.models import load_hf, save_hf, token_logprobs
     model, config = load_hf("path/to/hf_folder", dtype=jnp.bfloat16, mesh=mesh)
@@ -21,7 +21,8 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from jaxrlhf.models.config import ModelConfig, RopeConfig, config_from_hf, config_to_hf
+from jaxrlhf.models.config import ModelConfig, RopeConfig
+from jaxrlhf.models.hf_config import config_from_hf, config_to_hf
 from jaxrlhf.models.decoder import Decoder, KVCache, init_model, segment_positions
 from jaxrlhf.models.hf_io import HF_NAME_MAPS, end_of_turn_token_id, load_hf, save_hf
 from jaxrlhf.models.lora import LoraSpec
@@ -77,8 +78,10 @@ def token_logprobs(
     hidden = model(tokens, positions=positions, segment_ids=segment_ids)
     if chunk_size is None:
         chunk_size = default_chunk_size(tokens.shape[0], model.config.vocab_size)
-    lm_head = model.lm_head_matrix()
-    return chunked_token_logprobs(hidden, lm_head, tokens, chunk_size=chunk_size, segment_ids=segment_ids)
+    lm_head, soft_cap = model.lm_head_matrix(), model.config.final_logit_softcapping
+    return chunked_token_logprobs(
+        hidden, lm_head, tokens, chunk_size=chunk_size, segment_ids=segment_ids, soft_cap=soft_cap
+    )
 
 
 def make_logprob_fn(graphdef: nnx.GraphDef, *, chunk_size: int | None = None, packed: bool = True):
@@ -96,7 +99,13 @@ def make_logprob_fn(graphdef: nnx.GraphDef, *, chunk_size: int | None = None, pa
         hidden = model(tokens, positions=positions, segment_ids=segment_ids if packed else None, rng=rng)
         chunk = chunk_size or default_chunk_size(tokens.shape[0], model.config.vocab_size)
         return chunked_token_logprobs(
-            hidden, model.lm_head_matrix(), tokens, chunk_size=chunk, segment_ids=segment_ids, batch_axes=_BATCH_AXES
+            hidden,
+            model.lm_head_matrix(),
+            tokens,
+            chunk_size=chunk,
+            segment_ids=segment_ids,
+            batch_axes=_BATCH_AXES,
+            soft_cap=model.config.final_logit_softcapping,
         )
 
     return logprob_fn

@@ -4,8 +4,12 @@
 (resolved per call: splash on TPU; on GPU cuDNN for unpacked rows and the Pallas
 kernel for packed ones; xla on CPU). The dense kernels (xla, cudnn) take a mask
 built once per call, windowed per layer; the flash kernels (splash, pallas_gpu)
-take segment ids and a static window, so a decoder whose layers differ in window
-runs each group of consecutive identical layers as its own scan (``layer_runs``).
+take segment ids and a static window. Layers differ in window (and Gemma 3's in
+RoPE), so the decoder scans over *groups*: ``layer_groups`` cuts the layers into
+runs of a repeating pattern (Gemma 2: (sliding, global) x 21; Gemma 3: (5 x
+sliding, global) x 4, then 2 sliding; Llama: (global) x 32), and one scan step
+runs one repetition of the pattern, each layer in it with its static kind. The
+number of scans depends on the pattern, not on the depth.
 Under a mesh the flash kernels run in ``shard_map``: rows over the batch axes,
 heads over the tensor axis (K/V repeated per query head when their heads do not
 split as the queries' do).
@@ -22,10 +26,22 @@ from jax.sharding import PartitionSpec
 
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.ops import attention as kernels
-from jaxrlhf.ops.attention import segment_mask, window_mask
+from jaxrlhf.ops.attention import dense_attend, segment_mask, window_mask
 from jaxrlhf.parallel.rules import logical_to_spec
 
-__all__ = ["DENSE", "AttentionCall", "layer_runs", "resolve", "segment_mask", "sharded_attend", "window_mask"]
+__all__ = [
+    "DENSE",
+    "AttentionCall",
+    "LayerGroup",
+    "LayerKind",
+    "dense_attend",
+    "layer_groups",
+    "layer_kinds",
+    "resolve",
+    "segment_mask",
+    "sharded_attend",
+    "window_mask",
+]
 
 DENSE = ("xla", "cudnn")
 _log = logging.getLogger(__name__)
@@ -46,31 +62,64 @@ def resolve(impl: str, *, packed: bool) -> str:
     return kernels.resolve(impl, platform=jax.default_backend(), packed=packed)
 
 
-def layer_runs(config: ModelConfig, impl: str) -> list[tuple[int, int, str, int | None]]:
-    """``[(start, stop, impl, window)]``: consecutive layers a flash kernel runs with one static window.
+class LayerKind(NamedTuple):
+    """What sets a layer apart at trace time: its kernel, its window and whether it takes the local RoPE."""
 
-    A dense kernel runs every layer in one run (its windows are per-layer masks,
-    window None here); a window ``pallas_gpu`` cannot apply sends its layers to
-    xla (logged once).
-    """
-    if impl in DENSE:
-        return [(0, config.num_layers, impl, None)]
-    runs: list[tuple[int, int, str, int | None]] = []
-    for i, window in enumerate(config.layer_windows()):
+    impl: str
+    window: int | None
+    local_rope: bool
+
+
+class LayerGroup(NamedTuple):
+    """Layers ``start .. start + repeats * len(kinds)``: the pattern ``kinds`` repeated ``repeats`` times."""
+
+    start: int
+    repeats: int
+    kinds: tuple[LayerKind, ...]
+
+
+def layer_kinds(config: ModelConfig, impl: str) -> list[LayerKind]:
+    """Each layer's kind under kernel ``impl``. A window or soft cap the kernel cannot apply sends the layer to
+    xla (logged once); so does a soft cap under cuDNN, which has none."""
+    soft_cap = config.attn_logit_softcapping
+    kinds = []
+    for window in config.layer_windows():
         layer_impl = impl
-        if window is not None and not kernels.supports_window(impl):
+        cannot = soft_cap is not None if impl == "cudnn" else not kernels.supports(impl, window=window, soft_cap=soft_cap)
+        if cannot:
             layer_impl = "xla"
-            if (impl, window) not in _warned:
-                _warned.add((impl, window))
-                _log.warning("attention %s has no sliding window: layers with window %d run xla", impl, window)
-        if runs and runs[-1][2:] == (layer_impl, window):
-            runs[-1] = (runs[-1][0], i + 1, layer_impl, window)
-        else:
-            runs.append((i, i + 1, layer_impl, window))
-    return runs
+            if (impl, window, soft_cap) not in _warned:
+                _warned.add((impl, window, soft_cap))
+                _log.warning(
+                    "attention %s has no %s: layers with window %s and soft cap %s run xla",
+                    impl, "soft cap" if soft_cap is not None else "sliding window", window, soft_cap,
+                )  # fmt: skip
+        kinds.append(LayerKind(layer_impl, window, config.local_rope is not None and window is not None))
+    return kinds
 
 
-def sharded_attend(q: jax.Array, k: jax.Array, v: jax.Array, call: AttentionCall) -> jax.Array:
+def layer_groups(kinds: list[LayerKind]) -> list[LayerGroup]:
+    """Cut the layers into repeating patterns, from the first layer on: at each point the pattern that repeats
+    over the most layers (at least twice), the shortest such; a layer that starts no repetition is its own group."""
+    groups: list[LayerGroup] = []
+    start = 0
+    while start < len(kinds):
+        best_period, best_repeats = 1, 1
+        for period in range(1, (len(kinds) - start) // 2 + 1):
+            pattern = kinds[start : start + period]
+            repeats = 1
+            while kinds[start + repeats * period : start + (repeats + 1) * period] == pattern:
+                repeats += 1
+            if repeats >= 2 and repeats * period > best_period * best_repeats:
+                best_period, best_repeats = period, repeats
+        groups.append(LayerGroup(start, best_repeats, tuple(kinds[start : start + best_period])))
+        start += best_period * best_repeats
+    return groups
+
+
+def sharded_attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, call: AttentionCall, *, scale=None, soft_cap: float | None = None
+) -> jax.Array:
     """``ops.attention.attend`` with a flash kernel, per shard under a mesh (``jax.set_mesh``)."""
     mesh = jax.sharding.get_abstract_mesh()
     segment_ids = call.segment_ids
@@ -78,7 +127,9 @@ def sharded_attend(q: jax.Array, k: jax.Array, v: jax.Array, call: AttentionCall
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
 
     def attend(q, k, v, segment_ids):
-        return kernels.attend(q, k, v, segment_ids=segment_ids, window=call.window, impl=call.impl)
+        return kernels.attend(
+            q, k, v, segment_ids=segment_ids, window=call.window, impl=call.impl, scale=scale, soft_cap=soft_cap
+        )
 
     if mesh.empty:
         return attend(q, k, v, segment_ids)

@@ -54,17 +54,24 @@ def _bias(rngs: nnx.Rngs, shape, logical_axes, config: ModelConfig) -> nnx.Param
 
 
 class RMSNorm(nnx.Module):
-    """``scale * x / rms(x)`` over the last axis, statistics in float32 (as transformers does)."""
+    """``scale * x / rms(x)`` over the last axis, statistics in float32 (as transformers does).
+
+    Gemma's (``config.gemma_layout``) stores ``scale - 1`` (initialised at 0) and
+    multiplies in float32 before casting back; Llama's casts the normalised x first.
+    """
 
     def __init__(self, size: int, config: ModelConfig, *, stack: tuple[int, ...], rngs: nnx.Rngs):
         self.eps = config.rms_norm_eps
+        self.unit_offset = config.gemma_layout
         layers = ("layers",) * len(stack)
-        ones = jax.nn.initializers.ones
-        self.scale = param(ones, rngs, (*stack, size), (*layers, "norm"), config, decay_group="none")
+        init = jax.nn.initializers.zeros if self.unit_offset else jax.nn.initializers.ones
+        self.scale = param(init, rngs, (*stack, size), (*layers, "norm"), config, decay_group="none")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:
+            return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
         return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
@@ -123,11 +130,12 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        scaling = dict(scale=self.config.attention_scale, soft_cap=self.config.attn_logit_softcapping)
         if kv_cache is None and call.impl not in attention.DENSE:
-            out = attention.sharded_attend(q, k, v, call)
+            out = attention.sharded_attend(q, k, v, call, **scaling)
         elif kv_cache is None:
             # The mask (if any) is causal already; is_causal also lets cuDNN skip the upper triangle.
-            attend = functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation=call.impl)
+            attend = functools.partial(attention.dense_attend, is_causal=True, impl=call.impl, **scaling)
             if _recomputes_attention_weights(self.config, call.impl):
                 attend = jax.checkpoint(attend, policy=jax.checkpoint_policies.nothing_saveable)
             out = attend(q, k, v, mask=call.mask)
@@ -138,7 +146,7 @@ class Attention(nnx.Module):
             )
             # Queries sit at slots after cache_index, so causality is in the mask, not is_causal; XLA's kernel
             # takes any [B, 1, T, S] mask, down to the one-query steps of decoding.
-            out = jax.nn.dot_product_attention(q, *kv_cache, mask=call.mask, implementation="xla")
+            out = attention.dense_attend(q, *kv_cache, mask=call.mask, is_causal=False, impl="xla", **scaling)
         return self._project("bthk,hkd->btd", out, "o_proj", self.o_bias, rng), kv_cache
 
 
@@ -185,16 +193,25 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm decoder layer. Built with ``stack=(L,)`` it holds L layers' parameters, called one slice at a time."""
+    """Pre-norm decoder layer (Gemma's also norms the attention and MLP outputs before adding them). Built with
+    ``stack=(L,)`` it holds L layers' parameters, called one slice at a time."""
 
     def __init__(self, config: ModelConfig, *, stack: tuple[int, ...] = (), rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(config.hidden_size, config, stack=stack, rngs=rngs)
+        norm = functools.partial(RMSNorm, config.hidden_size, config, stack=stack, rngs=rngs)
+        self.attn_norm = norm()
         self.attn = Attention(config, stack=stack, rngs=rngs)
-        self.mlp_norm = RMSNorm(config.hidden_size, config, stack=stack, rngs=rngs)
+        self.post_attn_norm = norm() if config.gemma_layout else None
+        self.mlp_norm = norm()
         self.mlp = MLP(config, stack=stack, rngs=rngs)
+        self.post_mlp_norm = norm() if config.gemma_layout else None
 
     def __call__(self, x, cos, sin, call: AttentionCall, kv_cache=None, cache_index=None, rng=None):
         """``(output, kv_cache)``; the arguments as ``Attention``'s (``rng``: this layer's LoRA dropout key)."""
         attended, kv_cache = self.attn(self.attn_norm(x), cos, sin, call, kv_cache, cache_index, rng)
+        if self.post_attn_norm is not None:
+            attended = self.post_attn_norm(attended)
         x = x + checkpoint_name(attended, "attention_out")
-        return x + self.mlp(checkpoint_name(self.mlp_norm(x), "mlp_in"), rng), kv_cache
+        out = self.mlp(checkpoint_name(self.mlp_norm(x), "mlp_in"), rng)
+        if self.post_mlp_norm is not None:
+            out = self.post_mlp_norm(out)
+        return x + out, kv_cache

@@ -1,4 +1,4 @@
-"""``ModelConfig``: one typed description of a decoder, parsed from (and written back to) HF config.json.
+"""``ModelConfig``: one typed description of a decoder (``models.hf_config`` reads and writes it as HF config.json).
 
 Supported ``model_type``s and what sets them apart (everything else is shared):
 
@@ -8,12 +8,15 @@ Supported ``model_type``s and what sets them apart (everything else is shared):
 - ``qwen2`` (Qwen2, Qwen2.5): q/k/v bias, optional sliding window on the layers
   from ``max_window_layers`` on (``layer_types`` in v5 configs);
 - ``qwen3``: RMSNorm on each query/key head, ``attention_bias`` like Llama,
-  explicit ``head_dim``.
-
-RoPE parameters are read from the transformers-v5 ``rope_parameters`` dict and
-from the older top-level ``rope_theta`` / ``rope_scaling`` keys. Keys a
-config.json leaves out take the defaults of the matching transformers config
-class, so a checkpoint means the same thing here as in transformers.
+  explicit ``head_dim``;
+- ``gemma2``: RMSNorms scaling by ``1 + weight``, also after attention and after
+  the MLP, embeddings times sqrt(hidden), GeGLU (tanh GELU), attention scaled by
+  ``query_pre_attn_scalar``, tanh soft-capping of attention and final logits, a
+  sliding window on every other layer (``layer_types``);
+- ``gemma3_text`` (Gemma 3's language model): Gemma 2's layer plus q/k RMSNorm,
+  five sliding layers to one global, and a RoPE of its own for the sliding layers
+  (``local_rope``; the global layers carry the scaling). A multimodal ``gemma3``
+  config.json is read through its ``text_config``.
 
 The fields after ``eos_token_id`` are not architecture: they choose how the
 model runs (dtypes, rematerialisation, layer scan, attention kernel, LoRA
@@ -23,8 +26,6 @@ adapters and QLoRA's quantized base) and are never written to config.json.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
 
 from jaxrlhf.models.lora import LoraSpec
 from jaxrlhf.ops.attention import IMPLEMENTATIONS
@@ -36,8 +37,6 @@ __all__ = [
     "REMAT_POLICIES",
     "ModelConfig",
     "RopeConfig",
-    "config_from_hf",
-    "config_to_hf",
 ]
 
 # model_type -> the transformers class that config.json's "architectures" names.
@@ -46,7 +45,10 @@ ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
+GEMMA = ("gemma2", "gemma3_text")
 # Named after what each saves inside a layer (see models.decoder).
 REMAT_POLICIES = ("none", "full", "dots_with_no_batch_dims_saveable", "dots_saveable", "save_attention_out_mlp_in")
 ATTENTION_IMPLS = IMPLEMENTATIONS  # jaxrlhf.ops.attention
@@ -90,6 +92,10 @@ class ModelConfig:
     hidden_act: str = "silu"
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()  # per layer: "full_attention" | "sliding_attention"; () = all full
+    local_rope: RopeConfig | None = None  # RoPE of the sliding layers when it differs from ``rope`` (Gemma 3)
+    query_pre_attn_scalar: float | None = None  # attention scale is its inverse square root (None: head_dim)
+    attn_logit_softcapping: float | None = None  # attention scores -> cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # LM-head logits -> cap * tanh(logits / cap)
     initializer_range: float = 0.02
     checkpoint_dtype: str | None = None  # the weights' dtype in the HF checkpoint ("bfloat16", ...)
     bos_token_id: int | None = None
@@ -106,21 +112,30 @@ class ModelConfig:
     weight_qtype: str = "none"  # none | int8 | nf4: QLoRA's frozen base stored quantized (with lora)
 
     def __post_init__(self):
-        _check_choice("model_type", self.model_type, tuple(ARCHITECTURES))
-        _check_choice("remat", self.remat, REMAT_POLICIES)
-        _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
-        _check_choice("hidden_act", self.hidden_act, ACTIVATIONS)
-        _check_choice("rope_type", self.rope.rope_type, ROPE_TYPES)
+        check_choice("model_type", self.model_type, tuple(ARCHITECTURES))
+        check_choice("remat", self.remat, REMAT_POLICIES)
+        check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        check_choice("hidden_act", self.hidden_act, ACTIVATIONS)
+        check_choice("rope_type", self.rope.rope_type, ROPE_TYPES)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.layer_types and len(self.layer_types) != self.num_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
         for layer_type in self.layer_types:
-            _check_choice("layer_types entry", layer_type, (FULL_ATTENTION, SLIDING_ATTENTION))
+            check_choice("layer_types entry", layer_type, (FULL_ATTENTION, SLIDING_ATTENTION))
         if SLIDING_ATTENTION in self.layer_types and not self.sliding_window:
             raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
-        _check_choice("weight_qtype", self.weight_qtype, ("none", *QTYPES))
+        check_choice("weight_qtype", self.weight_qtype, ("none", *QTYPES))
         _check_expressible(self)
+
+    @property
+    def gemma_layout(self) -> bool:
+        """Gemma's layer: (1 + weight) norms, norms after attention and MLP too, embeddings times sqrt(hidden)."""
+        return self.model_type in GEMMA
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def uses_dropout(self) -> bool:
@@ -137,6 +152,13 @@ class ModelConfig:
         types = self.layer_types or (FULL_ATTENTION,) * self.num_layers
         return tuple(self.sliding_window if t == SLIDING_ATTENTION else None for t in types)
 
+    def layer_ropes(self) -> tuple[RopeConfig, ...]:
+        """RoPE of each layer: ``local_rope`` on sliding layers when set, else ``rope``."""
+        return tuple(
+            self.local_rope if self.local_rope is not None and window is not None else self.rope
+            for window in self.layer_windows()
+        )
+
 
 def _check_expressible(config: ModelConfig) -> None:
     """Reject variants that the model_type's transformers class cannot represent (so save_hf always works)."""
@@ -145,14 +167,21 @@ def _check_expressible(config: ModelConfig) -> None:
         "qwen3": config.qkv_bias == config.o_bias,
         "qwen2": config.qkv_bias and not config.o_bias,
         "mistral": not (config.qkv_bias or config.o_bias),
+        "gemma2": not (config.qkv_bias or config.o_bias),
+        "gemma3_text": not (config.qkv_bias or config.o_bias),
     }[config.model_type]
     problems = []
     if not bias:
         problems.append(f"qkv_bias={config.qkv_bias}, o_bias={config.o_bias}")
     if config.mlp_bias and config.model_type != "llama":
         problems.append("mlp_bias (llama only)")
-    if config.qk_norm != (config.model_type == "qwen3"):
-        problems.append(f"qk_norm={config.qk_norm} (qwen3 always, others never)")
+    if config.qk_norm != (config.model_type in ("qwen3", "gemma3_text")):
+        problems.append(f"qk_norm={config.qk_norm} (qwen3 and gemma3_text always, others never)")
+    gemma_only = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
+    if not config.gemma_layout and any(getattr(config, name) is not None for name in gemma_only):
+        problems.append(f"{', '.join(gemma_only)} (gemma only)")
+    if config.local_rope is not None and config.model_type != "gemma3_text":
+        problems.append("local_rope (gemma3_text only)")
     if config.model_type == "mistral" and config.layer_types not in ((), (SLIDING_ATTENTION,) * config.num_layers):
         problems.append("mixed layer_types (mistral slides on every layer or none)")
     if config.model_type == "mistral" and bool(config.sliding_window) != bool(config.layer_types):
@@ -163,157 +192,6 @@ def _check_expressible(config: ModelConfig) -> None:
         raise ValueError(f"model_type {config.model_type!r} cannot have: {'; '.join(problems)}")
 
 
-def _check_choice(name: str, value, known: tuple) -> None:
+def check_choice(name: str, value, known: tuple) -> None:
     if value not in known:
         raise ValueError(f"unsupported {name} {value!r}; supported: {', '.join(map(str, known))}")
-
-
-def _default_head_dim(model_type: str, hf: Mapping[str, Any]) -> int:
-    # Qwen3Config defaults head_dim to 128; the others derive it from the width.
-    return 128 if model_type == "qwen3" else hf["hidden_size"] // hf["num_attention_heads"]
-
-
-def _parse_rope(hf: Mapping[str, Any]) -> RopeConfig:
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    if any(isinstance(value, Mapping) for value in params.values()):
-        raise ValueError(f"per-layer-type rope_parameters are not supported: {params}")
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"partial_rotary_factor={params['partial_rotary_factor']} is not supported")
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    _check_choice("rope_type", rope_type, ROPE_TYPES)
-    if rope_type == "default":
-        return RopeConfig(theta=theta)
-    if rope_type == "linear":
-        return RopeConfig(theta=theta, rope_type="linear", factor=float(params["factor"]))
-    return RopeConfig(
-        theta=theta,
-        rope_type="llama3",
-        factor=float(params["factor"]),
-        low_freq_factor=float(params["low_freq_factor"]),
-        high_freq_factor=float(params["high_freq_factor"]),
-        original_max_position_embeddings=int(
-            params.get("original_max_position_embeddings", hf.get("max_position_embeddings", 2048))
-        ),
-    )
-
-
-def _parse_layer_types(model_type: str, hf: Mapping[str, Any], num_layers: int) -> tuple[int | None, tuple[str, ...]]:
-    """(sliding_window, layer_types) with the semantics of each transformers config class."""
-    if model_type == "mistral":
-        # MistralConfig: sliding_window defaults to 4096 and applies to every layer; null disables it.
-        window = hf.get("sliding_window", 4096)
-        return (window, (SLIDING_ATTENTION,) * num_layers) if window else (None, ())
-    if model_type in ("qwen2", "qwen3"):
-        # Qwen2/3Config: the window only exists with use_sliding_window, on layers >= max_window_layers
-        # (or as listed in layer_types, which v5 writes out).
-        window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window", False) else None
-        layer_types = hf.get("layer_types") or [
-            SLIDING_ATTENTION if window is not None and i >= hf.get("max_window_layers", 28) else FULL_ATTENTION
-            for i in range(num_layers)
-        ]
-        if SLIDING_ATTENTION not in layer_types:
-            return None, ()
-        return window, tuple(layer_types)
-    return None, ()
-
-
-def config_from_hf(hf: Mapping[str, Any], **runtime: Any) -> ModelConfig:
-    """Parse a config.json dict; ``runtime`` sets the how-to-run fields (dtype, param_dtype, remat, ...)."""
-    model_type = hf.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise ValueError(
-            f"unsupported model_type {model_type!r} (architectures {hf.get('architectures')}); "
-            f"supported: {', '.join(ARCHITECTURES)}"
-        )
-    num_heads = hf["num_attention_heads"]
-    num_layers = hf["num_hidden_layers"]
-    attention_bias = bool(hf.get("attention_bias", False))
-    sliding_window, layer_types = _parse_layer_types(model_type, hf, num_layers)
-    eos = hf.get("eos_token_id", 2 if model_type in ("llama", "mistral") else None)
-    return ModelConfig(
-        model_type=model_type,
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-        head_dim=hf.get("head_dim") or _default_head_dim(model_type, hf),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope=_parse_rope(hf),
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2" or (model_type in ("llama", "qwen3") and attention_bias),
-        o_bias=model_type in ("llama", "qwen3") and attention_bias,
-        mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
-        qk_norm=model_type == "qwen3",
-        hidden_act=hf.get("hidden_act", "silu"),
-        sliding_window=sliding_window,
-        layer_types=layer_types,
-        initializer_range=float(hf.get("initializer_range", 0.02)),
-        checkpoint_dtype=hf.get("dtype") or hf.get("torch_dtype"),
-        bos_token_id=hf.get("bos_token_id", 1 if model_type in ("llama", "mistral") else None),
-        eos_token_id=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
-        pad_token_id=hf.get("pad_token_id"),
-        **runtime,
-    )
-
-
-def _rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
-    params: dict[str, Any] = {"rope_type": rope.rope_type, "rope_theta": rope.theta}
-    if rope.rope_type in ("linear", "llama3"):
-        params["factor"] = rope.factor
-    if rope.rope_type == "llama3":
-        params.update(
-            low_freq_factor=rope.low_freq_factor,
-            high_freq_factor=rope.high_freq_factor,
-            original_max_position_embeddings=rope.original_max_position_embeddings,
-        )
-    return params
-
-
-def config_to_hf(config: ModelConfig, *, dtype: str) -> dict[str, Any]:
-    """The config.json dict transformers rebuilds this architecture from (``dtype``: the saved weights')."""
-    rope = _rope_to_hf(config.rope)
-    eos = list(config.eos_token_id)
-    hf: dict[str, Any] = {
-        "architectures": [ARCHITECTURES[config.model_type]],
-        "model_type": config.model_type,
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim,
-        "hidden_act": config.hidden_act,
-        "max_position_embeddings": config.max_position_embeddings,
-        "rms_norm_eps": config.rms_norm_eps,
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "initializer_range": config.initializer_range,
-        "rope_parameters": rope,
-        # The pre-v5 keys too, for tools that still read them (vLLM, older transformers).
-        "rope_theta": config.rope.theta,
-        "rope_scaling": rope if config.rope.rope_type != "default" else None,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-        "pad_token_id": config.pad_token_id,
-        "dtype": dtype,
-        "use_cache": True,
-    }
-    if config.model_type in ("llama", "qwen3"):
-        hf["attention_bias"] = config.o_bias
-    if config.model_type == "llama":
-        hf["mlp_bias"] = config.mlp_bias
-    if config.model_type == "mistral":
-        hf["sliding_window"] = config.sliding_window
-    if config.model_type in ("qwen2", "qwen3"):
-        types = config.layer_types or (FULL_ATTENTION,) * config.num_layers
-        hf.update(
-            use_sliding_window=SLIDING_ATTENTION in types,
-            sliding_window=config.sliding_window,
-            max_window_layers=types.index(SLIDING_ATTENTION) if SLIDING_ATTENTION in types else config.num_layers,
-            layer_types=list(types),
-        )
-    return hf

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -77,7 +76,6 @@ _ACTIVATION_AXES = ("batch", "seq", "act_embed")
 # Megatron-style sequence parallelism: between attention and MLP blocks the residual stream (and what remat
 # keeps of it) is split along the sequence over the tensor ranks instead of held whole on each.
 _SEQUENCE_PARALLEL_RULES = tuple(("seq", "tensor") if name == "seq" else (name, axes) for name, axes in DEFAULT_RULES)
-_NO_WINDOW = np.iinfo(np.int32).max
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -109,6 +107,13 @@ class Decoder(nnx.Module):
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         return head.astype(self.config.dtype)
 
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Full f32 logits ``[..., V]`` of ``hidden`` ``[..., D]``, final soft cap applied (for decoding and tests: training's
+        log-probs use the chunked LM head, which never holds them)."""
+        logits = jnp.einsum("...d,dv->...v", hidden, self.lm_head_matrix(), preferred_element_type=jnp.float32)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
+
     def __call__(
         self,
         tokens: jax.Array,
@@ -122,15 +127,12 @@ class Decoder(nnx.Module):
         if positions is None:
             positions = segment_positions(jnp.ones_like(tokens) if segment_ids is None else segment_ids)
         impl = attention.resolve(self.config.attention_impl, packed=segment_ids is not None)
-        rope, index = rope_tables(positions, self.config), jnp.arange(tokens.shape[1])
-        x = self._embed(tokens)
-        for start, stop, run_impl, window in attention.layer_runs(self.config, impl):
-            if run_impl in attention.DENSE:
-                # Unpacked rows need no mask beyond is_causal, which lets cuDNN run without a dense bias.
-                call = AttentionCall(run_impl, mask=None if segment_ids is None else attention.segment_mask(segment_ids))
-            else:
-                call = AttentionCall(run_impl, segment_ids=segment_ids, window=window)
-            x, _ = self._layers(x, rope, call, index, index, layers=(start, stop), rng=rng)
+        index = jnp.arange(tokens.shape[1])
+        # Unpacked rows need no mask beyond is_causal, which lets cuDNN run without a dense bias (a mask no
+        # dense layer uses is never computed).
+        mask = None if segment_ids is None else attention.segment_mask(segment_ids)
+        base = AttentionCall(impl, mask=mask, segment_ids=segment_ids)
+        x, _ = self._layers(self._embed(tokens), self._ropes(positions), base, index, index, rng=rng)
         return constrain(self.final_norm(x), _ACTIVATION_AXES)
 
     def extend(
@@ -157,7 +159,7 @@ class Decoder(nnx.Module):
         visible = (segment_ids[:, :, None] == slot_segments[:, None, :]) & (key_index <= query_index[:, None])
         x, (keys, values) = self._layers(
             self._embed(tokens),
-            rope_tables(positions, self.config),
+            self._ropes(positions),
             AttentionCall("xla", mask=visible[:, None]),
             query_index,
             key_index,
@@ -169,51 +171,83 @@ class Decoder(nnx.Module):
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)  # cast rows, not the whole table
+        if self.config.gemma_layout:  # the normaliser in the compute dtype, as transformers rounds it
+            x = x * jnp.asarray(self.config.hidden_size**0.5, x.dtype)
         return self._between_layers(x)
+
+    def _ropes(self, positions: jax.Array) -> dict[bool, tuple[jax.Array, jax.Array]]:
+        """(cos, sin) of the global layers (key False) and, with a ``local_rope``, of the sliding ones (True)."""
+        ropes = {False: rope_tables(positions, self.config)}
+        if self.config.local_rope is not None:
+            ropes[True] = rope_tables(positions, self.config, self.config.local_rope)
+        return ropes
 
     def _between_layers(self, x: jax.Array) -> jax.Array:
         rules = _SEQUENCE_PARALLEL_RULES if self.config.sequence_parallel else DEFAULT_RULES
         return constrain(x, _ACTIVATION_AXES, rules)
 
-    def _layers(self, x, rope, call, query_index, key_index, kv_cache=None, cache_index=None, *, layers=None, rng=None):
-        """Layers ``layers = (start, stop)`` (default: all), scanned or unrolled, with remat: ``(x, kv_cache)``,
-        each cache ``[layers, ...]``.
+    def _layers(self, x, ropes, base: AttentionCall, query_index, key_index, kv_cache=None, cache_index=None, *, rng=None):
+        """All layers, scanned in repeating groups (``attention.layer_groups``) or unrolled, with remat:
+        ``(x, kv_cache)``, each cache ``[layers, ...]``.
 
-        ``query_index`` ``[T]`` and ``key_index`` ``[S]`` are the slots of the
-        queries and keys, for the sliding windows of dense-mask layers (a flash
-        kernel's layers carry their one window in ``call``).
+        ``base`` holds the kernel, the dense mask and the segment ids; each
+        layer's kind adds its static window (``query_index`` ``[T]`` and
+        ``key_index`` ``[S]`` are the slots of queries and keys, for the windows
+        of dense masks) and picks its RoPE tables from ``ropes``.
         """
         config = self.config
-        cos, sin = rope
         graphdef, stacked = nnx.split(self.layers)
-        start, stop = layers or (0, config.num_layers)
-        if (start, stop) != (0, config.num_layers):
-            stacked = jax.tree.map(lambda a: a[start:stop], stacked)
+        rngs = None if rng is None else jax.random.split(rng, config.num_layers)
+        per_layer = (stacked, kv_cache, rngs)
 
-        def layer(x, layer_state, window, layer_cache, layer_rng):
-            layer_call = call
-            if window is not None:
-                layer_call = call._replace(mask=attention.window_mask(call.mask, window, query_index, key_index))
-            block = nnx.merge(graphdef, layer_state)
-            y, layer_cache = block(x, cos, sin, layer_call, layer_cache, cache_index, layer_rng)
-            return self._between_layers(y), layer_cache
+        def make_layer(kind: attention.LayerKind):
+            if kind.impl in attention.DENSE:
+                mask = base.mask
+                if kind.window is not None:
+                    mask = attention.window_mask(mask, kind.window, query_index, key_index)
+                call = AttentionCall(kind.impl, mask=mask)
+            else:
+                call = AttentionCall(kind.impl, segment_ids=base.segment_ids, window=kind.window)
+            cos, sin = ropes[kind.local_rope]
 
-        if config.remat != "none":
+            def layer(x, layer_state, layer_cache, layer_rng):
+                block = nnx.merge(graphdef, layer_state)
+                y, layer_cache = block(x, cos, sin, call, layer_cache, cache_index, layer_rng)
+                return self._between_layers(y), layer_cache
+
+            if config.remat == "none":
+                return layer
             # Inside lax.scan, CSE across iterations cannot undo the remat, so skip its barrier.
-            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
-        windows = config.layer_windows()[start:stop]
-        window_array = None
-        if call.impl in attention.DENSE and any(w is not None for w in windows):
-            window_array = jnp.asarray([_NO_WINDOW if w is None else w for w in windows], jnp.int32)
-        rngs = None if rng is None else jax.random.split(rng, config.num_layers)[start:stop]
-        if config.scan_layers:
-            return jax.lax.scan(lambda carry, xs: layer(carry, *xs), x, (stacked, window_array, kv_cache, rngs))
+            return jax.checkpoint(layer, policy=_REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
+
+        kinds = attention.layer_kinds(config, base.impl)
+        layers = {kind: make_layer(kind) for kind in dict.fromkeys(kinds)}
+
+        def run(x, kinds, xs):  # layers one after the other; xs holds their parameters, caches and keys
+            caches = []
+            for j, kind in enumerate(kinds):
+                x, layer_cache = layers[kind](x, *jax.tree.map(lambda a: a[j], xs))
+                caches.append(layer_cache)
+            return x, (None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches))
+
+        if not config.scan_layers:
+            return run(x, kinds, per_layer)
         caches = []
-        for i in range(stop - start):
-            layer_state, layer_cache, layer_rng = jax.tree.map(lambda a: a[i], (stacked, kv_cache, rngs))
-            x, layer_cache = layer(x, layer_state, None if window_array is None else window_array[i], layer_cache, layer_rng)
-            caches.append(layer_cache)
-        return x, (None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches))
+        for group in attention.layer_groups(kinds):
+            period, stop = len(group.kinds), group.start + group.repeats * len(group.kinds)
+            xs = per_layer if (group.start, stop) == (0, config.num_layers) else jax.tree.map(
+                lambda a: a[group.start : stop], per_layer
+            )
+            if period == 1:  # one layer per step: scan the stacks as they are
+                x, group_cache = jax.lax.scan(lambda x, xs, kind=group.kinds[0]: layers[kind](x, *xs), x, xs)
+            else:
+                xs = jax.tree.map(lambda a: a.reshape(group.repeats, period, *a.shape[1:]), xs)
+                x, group_cache = jax.lax.scan(lambda x, xs, kinds=group.kinds: run(x, kinds, xs), x, xs)
+                group_cache = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), group_cache)
+            caches.append(group_cache)
+        if kv_cache is None or len(caches) == 1:
+            return x, caches[0]
+        return x, jax.tree.map(lambda *a: jnp.concatenate(a), *caches)
 
 
 def init_model(

@@ -97,7 +97,6 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> dict
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling"))
 def _generate(graphdef, params, prompt, stop_ids, pad_id, key, *, max_new_tokens: int, sampling: Sampling):
     model = nnx.merge(graphdef, params)
-    lm_head = model.lm_head_matrix()
     batch, prompt_length = prompt["tokens"].shape
     cache = KVCache.empty(model.config, batch, prompt_length + max_new_tokens)
     hidden, cache = model.extend(
@@ -105,7 +104,7 @@ def _generate(graphdef, params, prompt, stop_ids, pad_id, key, *, max_new_tokens
     )
 
     def choose(hidden_last, step, done):
-        logits = (hidden_last @ lm_head).astype(jnp.float32)
+        logits = model.logits(hidden_last)
         token = sample_next(logits, jax.random.fold_in(key, step), sampling)
         return jnp.where(done, pad_id, token)
 

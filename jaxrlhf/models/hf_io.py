@@ -14,11 +14,13 @@ the chat template's end-of-turn token (so generation stops at the end of a
 turn), and the tokenizer. In a multi-process run every process must call it
 (parameters are gathered collectively) and process 0 writes.
 
-Name map: ``HF_NAME_MAPS[model_type]`` lists, for each of our parameter paths,
-the HF tensor name (``{i}`` = layer index, for the stacked layer parameters) and
-the layout change. Our kernels are ``[in..., out...]`` with heads split out
-(``q_proj``: ``[D, H, hd]``, ``o_proj``: ``[H, hd, D]``); HF linears are
-``[out, in]`` with heads flattened.
+The name map, ``HF_NAME_MAPS[model_type]``, lives in ``models.hf_names``.
+
+A multimodal Gemma 3 checkpoint (``Gemma3ForConditionalGeneration``) loads as
+its language model: the text tower's tensors under ``model.language_model.``
+(transformers 5) or ``language_model.model.`` (the Hub's files), the vision
+tower and projector skipped with a logged note; ``save_hf`` then writes the
+text-only ``Gemma3ForCausalLM``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import pathlib
@@ -40,7 +43,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from safetensors.numpy import save_file
 
-from jaxrlhf.models.config import ModelConfig, config_from_hf, config_to_hf
+from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.hf_config import config_from_hf, config_to_hf, text_config
+from jaxrlhf.models.hf_names import HF_NAME_MAPS, TensorMap
 from jaxrlhf.models.decoder import Decoder
 from jaxrlhf.models.safetensors_folder import INDEX_FILE, SINGLE_FILE, SafetensorsFolder
 from jaxrlhf.parallel.rules import DEFAULT_RULES, Rules, annotate_out_sharding, partition_specs
@@ -50,84 +55,21 @@ __all__ = ["HF_NAME_MAPS", "TensorMap", "load_hf", "save_hf", "end_of_turn_token
 DEFAULT_MAX_SHARD_SIZE = 5 * 2**30  # bytes per safetensors file, as transformers' save_pretrained
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorMap:
-    """One parameter: our state path, its HF name, and how the layouts differ.
-
-    ``layout``: "same" (identical), "flat" (ours ``[H, hd]`` = HF ``[H*hd]``), or
-    "linear" (ours ``[in..., out...]`` with ``in_dims`` input dims = HF ``[out, in]`` flattened).
-    """
-
-    ours: tuple[str, ...]
-    hf: str
-    layout: str = "same"
-    in_dims: int = 1
-
-    @property
-    def stacked(self) -> bool:
-        """True for the layer parameters, which carry a leading ``num_layers`` axis on our side."""
-        return self.ours[0] == "layers"
-
-    def hf_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
-        """HF shape of one tensor, given our (per-layer) shape."""
-        if self.layout == "flat":
-            return (math.prod(shape),)
-        if self.layout == "linear":
-            return (math.prod(shape[self.in_dims :]), math.prod(shape[: self.in_dims]))
-        return tuple(shape)
-
-    def to_ours(self, hf: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-        """A view (no copy, so memory maps stay lazy) of an HF tensor in our layout."""
-        if self.layout == "linear":
-            return hf.T.reshape(shape)
-        return hf.reshape(shape)
-
-    def to_hf(self, ours: np.ndarray) -> np.ndarray:
-        """Our (per-layer) array in HF layout, contiguous for safetensors."""
-        hf_shape = self.hf_shape(ours.shape)
-        if self.layout == "linear":
-            return np.ascontiguousarray(ours.reshape(hf_shape[::-1]).T)
-        return ours.reshape(hf_shape)
-
-
-_LAYER = "model.layers.{i}."
-# The four supported architectures name their tensors the same way; a new family adds its own table.
-_LLAMA_FAMILY = (
-    TensorMap(("embed",), "model.embed_tokens.weight"),
-    TensorMap(("layers", "attn_norm", "scale"), _LAYER + "input_layernorm.weight"),
-    TensorMap(("layers", "attn", "q_proj"), _LAYER + "self_attn.q_proj.weight", "linear"),
-    TensorMap(("layers", "attn", "k_proj"), _LAYER + "self_attn.k_proj.weight", "linear"),
-    TensorMap(("layers", "attn", "v_proj"), _LAYER + "self_attn.v_proj.weight", "linear"),
-    TensorMap(("layers", "attn", "o_proj"), _LAYER + "self_attn.o_proj.weight", "linear", in_dims=2),
-    TensorMap(("layers", "attn", "q_bias"), _LAYER + "self_attn.q_proj.bias", "flat"),
-    TensorMap(("layers", "attn", "k_bias"), _LAYER + "self_attn.k_proj.bias", "flat"),
-    TensorMap(("layers", "attn", "v_bias"), _LAYER + "self_attn.v_proj.bias", "flat"),
-    TensorMap(("layers", "attn", "o_bias"), _LAYER + "self_attn.o_proj.bias"),
-    TensorMap(("layers", "attn", "q_norm", "scale"), _LAYER + "self_attn.q_norm.weight"),
-    TensorMap(("layers", "attn", "k_norm", "scale"), _LAYER + "self_attn.k_norm.weight"),
-    TensorMap(("layers", "mlp_norm", "scale"), _LAYER + "post_attention_layernorm.weight"),
-    TensorMap(("layers", "mlp", "gate_proj"), _LAYER + "mlp.gate_proj.weight", "linear"),
-    TensorMap(("layers", "mlp", "up_proj"), _LAYER + "mlp.up_proj.weight", "linear"),
-    TensorMap(("layers", "mlp", "down_proj"), _LAYER + "mlp.down_proj.weight", "linear"),
-    TensorMap(("layers", "mlp", "gate_bias"), _LAYER + "mlp.gate_proj.bias"),
-    TensorMap(("layers", "mlp", "up_bias"), _LAYER + "mlp.up_proj.bias"),
-    TensorMap(("layers", "mlp", "down_bias"), _LAYER + "mlp.down_proj.bias"),
-    TensorMap(("final_norm", "scale"), "model.norm.weight"),
-    TensorMap(("lm_head",), "lm_head.weight", "linear"),
-)
-HF_NAME_MAPS: dict[str, tuple[TensorMap, ...]] = {
-    "llama": _LLAMA_FAMILY,
-    "mistral": _LLAMA_FAMILY,
-    "qwen2": _LLAMA_FAMILY,
-    "qwen3": _LLAMA_FAMILY,
-}
+# Where a multimodal Gemma 3 checkpoint keeps its language model, and what else it holds (skipped).
+_LANGUAGE_MODEL_PREFIXES = ("model.language_model.", "language_model.model.")
+_OTHER_TOWERS = ("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.", "multi_modal_projector.")
+_log = logging.getLogger(__name__)
 # Tensors some checkpoints carry that are derived, not learned: safe to skip.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
-def _entries(config: ModelConfig, state: nnx.State) -> list[tuple[TensorMap, nnx.Variable]]:
-    """The name-map entries for the parameters this config's model has, paired with its Variables."""
+def _entries(config: ModelConfig, state: nnx.State, prefix: str = "model.") -> list[tuple[TensorMap, nnx.Variable]]:
+    """The name-map entries for the parameters this config's model has, paired with its Variables (``prefix``:
+    where the checkpoint keeps the ``model.`` tensors)."""
     variables = dict(nnx.to_flat_state(state))
-    table = HF_NAME_MAPS[config.model_type]
+    table = [
+        dataclasses.replace(entry, hf=prefix + entry.hf.removeprefix("model.")) if entry.hf.startswith("model.") else entry
+        for entry in HF_NAME_MAPS[config.model_type]
+    ]
     entries = [(entry, variables[entry.ours]) for entry in table if entry.ours in variables]
     unmapped = set(variables) - {entry.ours for entry, _ in entries}
     if unmapped:  # a model parameter without an HF name would silently stay random
@@ -143,16 +85,27 @@ def _hf_names(entry: TensorMap, variable: nnx.Variable) -> list[tuple[str, tuple
     return [(entry.hf, entry.hf_shape(variable.shape))]
 
 
-def _check_names(entries, checkpoint: SafetensorsFolder, config: ModelConfig, folder: pathlib.Path) -> None:
+def _language_model_prefix(checkpoint: SafetensorsFolder, folder: pathlib.Path) -> tuple[str, list[str]]:
+    """(prefix of the language model's tensors, the other towers' tensor names) of a multimodal Gemma 3 folder."""
+    names = list(checkpoint.location)
+    for prefix in _LANGUAGE_MODEL_PREFIXES:
+        if any(name.startswith(prefix) for name in names):
+            return prefix, [name for name in names if name.startswith(_OTHER_TOWERS)]
+    raise ValueError(f"checkpoint {folder} holds no language model tensors under {' or '.join(_LANGUAGE_MODEL_PREFIXES)}")
+
+
+def _check_names(
+    entries, checkpoint: SafetensorsFolder, config: ModelConfig, folder: pathlib.Path, skipped: Sequence[str] = ()
+) -> None:
     expected = dict(name_and_shape for entry, v in entries for name_and_shape in _hf_names(entry, v))
-    available = set(checkpoint.location)
+    available = set(checkpoint.location) - set(skipped)
     missing = sorted(set(expected) - available)
     unexpected = sorted(
         name
         for name in available - set(expected)
         if not name.endswith(_IGNORED_SUFFIXES)
         # tied checkpoints sometimes store the (identical) head as well
-        and not (config.tie_word_embeddings and name == "lm_head.weight")
+        and not (config.tie_word_embeddings and name in ("lm_head.weight", "language_model.lm_head.weight"))
     )
     wrong_shape = [
         f"{name}: {checkpoint.shape(name)} != {shape}"
@@ -222,8 +175,10 @@ def load_hf(
     config_file = folder / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} not found: load_hf reads a local Hugging Face model folder")
+    hf_config = json.loads(config_file.read_text())
+    multimodal = text_config(hf_config) is not hf_config
     config = config_from_hf(
-        json.loads(config_file.read_text()),
+        hf_config,
         dtype=jnp.dtype(dtype).name,
         param_dtype=jnp.dtype(param_dtype).name,
         remat=remat,
@@ -232,9 +187,15 @@ def load_hf(
         sequence_parallel=sequence_parallel,
     )
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
-    entries = _entries(config, abstract)
     checkpoint = SafetensorsFolder(folder)
-    _check_names(entries, checkpoint, config, folder)
+    prefix, skipped = _language_model_prefix(checkpoint, folder) if multimodal else ("model.", [])
+    entries = _entries(config, abstract, prefix)
+    _check_names(entries, checkpoint, config, folder, skipped)
+    if multimodal:
+        _log.warning(
+            "%s: loading the language model of %s; skipped %d vision tower and projector tensors",
+            folder, hf_config.get("architectures"), len(skipped),
+        )  # fmt: skip
     specs = None if mesh is None else dict(nnx.to_flat_state(partition_specs(abstract, mesh, rules)))
     loaded = []
     for entry, variable in entries:

@@ -33,9 +33,12 @@ def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
-def rope_tables(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """cos and sin ``[B, T, head_dim]`` for the rotate-half convention of HF Llama checkpoints."""
-    inv_freq = jnp.asarray(rope_inverse_frequencies(config.rope, config.head_dim))
+def rope_tables(
+    positions: jax.Array, config: ModelConfig, rope: RopeConfig | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """cos and sin ``[B, T, head_dim]`` for the rotate-half convention of HF Llama checkpoints, of ``rope``
+    (default: ``config.rope``)."""
+    inv_freq = jnp.asarray(rope_inverse_frequencies(rope or config.rope, config.head_dim))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
     dtype = jnp.dtype(config.dtype)

@@ -4,20 +4,25 @@ Every kernel takes ``q [B, T, H, D]``, ``k, v [B, T, KV, D]`` (``H`` a multiple
 of ``KV``: grouped queries), ``segment_ids [B, T]`` (None: one example per row;
 a query sees keys of its own segment only, padding 0 included, so no row is
 empty) and a static sliding ``window`` (None: none; else HF's rule, keys less
-than ``window`` positions back). Scale ``1 / sqrt(D)``.
+than ``window`` positions back), a ``scale`` (None: ``1 / sqrt(D)``) and an
+optional ``soft_cap`` (Gemma: scores -> ``cap * tanh(scores / cap)`` before the
+mask and softmax).
 
 - ``xla`` / ``cudnn``: ``jax.nn.dot_product_attention``; packed rows or a
   window need a dense ``[B, 1, T, T]`` mask (cuDNN then turns it into a bias and
   loses its causal block skipping), and XLA's kernel holds ``[B, H, T, T]`` scores.
+  Neither takes a soft cap: capped scores run the same einsum-softmax-einsum
+  here (``dense_attend``), also for cuDNN.
 - ``splash``: TPU splash attention with ``SegmentIds`` and a static causal or
   local mask, so no ``[T, T]`` array exists. Grouped queries stay grouped (the
-  kernel maps query head h to key head h // (H / KV)).
+  kernel maps query head h to key head h // (H / KV)). It applies the soft cap itself.
 - ``pallas_gpu``: the Pallas (Triton) flash kernel with segment ids. Chosen for
   packed rows on GPU because it is the one segment-aware GPU kernel JAX ships:
   cuDNN's packed (ragged offsets) layout is not reachable through
   ``jax.nn.dot_product_attention``. Its dK/dV are wrong when K/V have fewer
   heads than Q (measured: errors as large as the values), so K/V are repeated
-  per query head here; it has no sliding window (``supports_window``).
+  per query head here; it has neither a sliding window nor a soft cap
+  (``supports``: such layers run xla instead).
 
 On a CPU the Pallas kernels run in interpret mode (how the tests run them and how
 a dry run plans them). Rows are padded up to the kernels' block multiple with
@@ -33,7 +38,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-__all__ = ["IMPLEMENTATIONS", "attend", "resolve", "segment_mask", "supports_window", "window_mask"]
+__all__ = ["IMPLEMENTATIONS", "attend", "dense_attend", "resolve", "segment_mask", "supports", "window_mask"]
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "pallas_gpu")
 _SPLASH_BLOCK = 128  # splash needs key blocks (and the dK/dV query block) in multiples of 128
@@ -51,8 +56,9 @@ def resolve(impl: str, *, platform: str, packed: bool) -> str:
     return "xla"
 
 
-def supports_window(impl: str) -> bool:
-    return impl != "pallas_gpu"
+def supports(impl: str, *, window: int | None, soft_cap: float | None) -> bool:
+    """Whether kernel ``impl`` applies this sliding window and soft cap itself."""
+    return impl != "pallas_gpu" or (window is None and soft_cap is None)
 
 
 def segment_mask(segment_ids: jax.Array) -> jax.Array:
@@ -73,21 +79,43 @@ def window_mask(mask: jax.Array | None, window, query_index: jax.Array, key_inde
     return within if mask is None else mask & within
 
 
-def attend(q, k, v, *, segment_ids=None, window: int | None = None, impl: str = "xla") -> jax.Array:
+def attend(
+    q, k, v, *, segment_ids=None, window: int | None = None, impl: str = "xla", scale=None, soft_cap=None
+) -> jax.Array:
     """``[B, T, H, D]``: causal attention of ``q`` over ``k, v`` within segments and window (see the module)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     if impl in ("xla", "cudnn"):
         mask = None if segment_ids is None else segment_mask(segment_ids)
         if window is not None:
             index = jnp.arange(q.shape[1])
             mask = window_mask(mask, window, index, index)
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=impl)
+        return dense_attend(q, k, v, mask=mask, is_causal=True, impl=impl, scale=scale, soft_cap=soft_cap)
     if impl == "splash":
-        return _splash(q, k, v, segment_ids, window)
+        return _splash(q, k, v, segment_ids, window, scale, soft_cap)
     if impl == "pallas_gpu":
-        if window is not None:
-            raise ValueError("pallas_gpu has no sliding window: run windowed layers with xla")
-        return _pallas_gpu(q, k, v, segment_ids)
+        if not supports(impl, window=window, soft_cap=soft_cap):
+            raise ValueError("pallas_gpu has no sliding window or soft cap: run those layers with xla")
+        return _pallas_gpu(q, k, v, segment_ids, scale)
     raise ValueError(f"unknown attention implementation {impl!r}; known: {', '.join(IMPLEMENTATIONS[1:])}")
+
+
+def dense_attend(q, k, v, *, mask, is_causal: bool, impl: str, scale: float, soft_cap: float | None) -> jax.Array:
+    """``jax.nn.dot_product_attention`` (``mask`` ``[B or 1, 1, T, S]`` or None), or with a soft cap the same
+    computation written out: scores and softmax in float32, grouped queries kept grouped."""
+    if soft_cap is None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale, implementation=impl)
+    batch, length, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    grouped = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", grouped, k, preferred_element_type=jnp.float32) * scale
+    scores = soft_cap * jnp.tanh(scores / soft_cap)
+    visible = jnp.ones((1, 1, length, k.shape[1]), bool) if mask is None else mask
+    if is_causal:
+        visible = visible & (jnp.arange(length)[:, None] >= jnp.arange(k.shape[1])[None, :])
+    scores = jnp.where(visible[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, length, heads, dim).astype(q.dtype)
 
 
 def _interpret() -> bool:
@@ -112,7 +140,7 @@ def _block(length: int) -> int:
     return next(b for b in (512, 256, 128) if length % b == 0)
 
 
-def _splash_kernel(heads: int, length: int, window: int | None, interpret: bool):
+def _splash_kernel(heads: int, length: int, window: int | None, soft_cap: float | None, interpret: bool):
     shape = (length, length)
     # HF's window keeps keys less than `window` back: LocalMask's (left, right) counts keys before the query.
     head_mask = splash.CausalMask(shape) if window is None else splash.LocalMask(shape, (window - 1, 0), offset=0)
@@ -123,15 +151,16 @@ def _splash_kernel(heads: int, length: int, window: int | None, interpret: bool)
     )  # fmt: skip
     # Built per trace, not cached: its mask tables become constants of the trace that builds them.
     return splash.make_splash_mha(
-        splash.MultiHeadMask([head_mask] * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
-    )
+        splash.MultiHeadMask([head_mask] * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1,
+        attn_logits_soft_cap=soft_cap, interpret=interpret,
+    )  # fmt: skip
 
 
-def _splash(q, k, v, segment_ids, window):
-    length, heads, dim = q.shape[1], q.shape[2], q.shape[3]
+def _splash(q, k, v, segment_ids, window, scale, soft_cap):
+    length, heads = q.shape[1], q.shape[2]
     (q, k, v), ids = _pad_rows((q, k, v), segment_ids, _SPLASH_BLOCK)
-    kernel = _splash_kernel(heads, q.shape[1], window, _interpret())
-    scale = jnp.asarray(dim**-0.5, q.dtype)  # splash applies no scale of its own
+    kernel = _splash_kernel(heads, q.shape[1], window, soft_cap, _interpret())
+    scale = jnp.asarray(scale, q.dtype)  # splash applies no scale of its own; its soft cap sees scaled scores
 
     def one_row(q, k, v, ids):
         return kernel(q, k, v, segment_ids=splash.SegmentIds(q=ids, kv=ids))
@@ -141,8 +170,8 @@ def _splash(q, k, v, segment_ids, window):
     return heads_first(out)[:, :length]
 
 
-def _pallas_gpu(q, k, v, segment_ids):
-    length, heads, dim = q.shape[1], q.shape[2], q.shape[3]
+def _pallas_gpu(q, k, v, segment_ids, scale):
+    length, heads = q.shape[1], q.shape[2]
     groups = heads // k.shape[2]
     k, v = (jnp.repeat(x, groups, axis=2) for x in (k, v))
     (q, k, v), ids = _pad_rows((q, k, v), segment_ids, _GPU_BLOCK)
@@ -150,6 +179,6 @@ def _pallas_gpu(q, k, v, segment_ids):
     sizes = gpu_attention.BlockSizes(block_q=b, block_k=b, block_q_dkv=b // 2, block_kv_dkv=b // 2,
                                      block_q_dq=b // 2, block_kv_dq=b // 2)  # fmt: skip
     out = gpu_attention.mha(
-        q, k, v, ids, sm_scale=dim**-0.5, causal=True, block_sizes=sizes, interpret=_interpret()
+        q, k, v, ids, sm_scale=scale, causal=True, block_sizes=sizes, interpret=_interpret()
     )
     return out[:, :length]

@@ -56,19 +56,21 @@ def _to_target_index(source_lp: jax.Array) -> jax.Array:
     return jnp.concatenate([jnp.zeros_like(source_lp[..., :1]), source_lp[..., :-1]], axis=-1)
 
 
-def token_logprobs(logits: jax.Array, tokens: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+def token_logprobs(
+    logits: jax.Array, tokens: jax.Array, *, segment_ids: jax.Array | None = None, soft_cap: float | None = None
+) -> jax.Array:
     """Log-prob of each token given its prefix, from full logits ``[B, T, V]``; f32 ``[B, T]``.
 
     The log-softmax runs in float32 whatever the logits' dtype (bf16 logits lose
     too much precision in the normaliser), and it is shift-invariant, so logits of
-    magnitude 1e4 are fine.
+    magnitude 1e4 are fine. ``soft_cap`` first maps logits to ``cap * tanh(logits / cap)`` (Gemma 2).
     """
     if logits.shape[:-1] != tokens.shape:
         raise ValueError(f"logits {logits.shape} and tokens {tokens.shape} disagree on [B, T]")
     if segment_ids is not None and segment_ids.shape != tokens.shape:
         raise ValueError(f"segment_ids {segment_ids.shape} must have the shape of tokens {tokens.shape}")
     next_tokens, next_valid = _next_token_targets(tokens, segment_ids)
-    logits = logits.astype(jnp.float32)
+    logits = _soft_capped(logits.astype(jnp.float32), soft_cap)
     log_normaliser = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, next_tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
     source_lp = jnp.where(next_valid, target_logit - log_normaliser, 0.0)
@@ -83,8 +85,9 @@ def chunked_token_logprobs(
     chunk_size: int,
     segment_ids: jax.Array | None = None,
     batch_axes: tuple[str, ...] = (),
+    soft_cap: float | None = None,
 ) -> jax.Array:
-    """``token_logprobs(hidden @ lm_head, tokens)`` without ever holding ``[B, T, V]``.
+    """``token_logprobs(hidden @ lm_head, tokens, soft_cap=)`` without ever holding ``[B, T, V]``.
 
     The sequence is processed at most ``chunk_size`` positions at a time (the chunks
     evened out so that little padding is computed); a custom VJP
@@ -96,6 +99,9 @@ def chunked_token_logprobs(
     set): the backward then keeps each batch shard's partial ``[D, V]`` gradient on
     its own devices through the chunk loop and reduces it once after it, instead of
     one all-reduce of the ``[D, V]`` gradient per chunk.
+
+    ``soft_cap`` (Gemma 2's final logit soft-capping) caps each chunk's logits in
+    the forward, and the backward multiplies by its derivative ``1 - (capped / cap)^2``.
     """
     if hidden.ndim != 3 or lm_head.ndim != 2 or hidden.shape[-1] != lm_head.shape[0]:
         raise ValueError(f"expected hidden [B, T, D] and lm_head [D, V], got {hidden.shape} and {lm_head.shape}")
@@ -110,7 +116,7 @@ def chunked_token_logprobs(
     # Same number of chunks, evened out: T=512 at chunk_size 441 runs 2 x 256, not 2 x 441 with 370 padded rows.
     chunk_size = -(-length // -(-length // min(chunk_size, length)))
     source_lp = _chunked_source_logprobs(
-        hidden, lm_head, next_tokens.astype(jnp.int32), next_valid, chunk_size, tuple(batch_axes)
+        hidden, lm_head, next_tokens.astype(jnp.int32), next_valid, chunk_size, tuple(batch_axes), soft_cap
     )
     return _to_target_index(source_lp)
 
@@ -132,28 +138,33 @@ def _merge_chunks(x: jax.Array, length: int) -> jax.Array:
     return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
 
 
-def _chunk_logits(hidden_chunk: jax.Array, lm_head: jax.Array) -> jax.Array:
-    return jnp.einsum("bcd,dv->bcv", hidden_chunk, lm_head, preferred_element_type=jnp.float32)
+def _soft_capped(logits: jax.Array, soft_cap: float | None) -> jax.Array:
+    return logits if soft_cap is None else soft_cap * jnp.tanh(logits / soft_cap)
 
 
-def _chunk_forward(hidden_chunk, lm_head, targets_chunk):
-    logits = _chunk_logits(hidden_chunk, lm_head)
+def _chunk_logits(hidden_chunk: jax.Array, lm_head: jax.Array, soft_cap: float | None) -> jax.Array:
+    logits = jnp.einsum("bcd,dv->bcv", hidden_chunk, lm_head, preferred_element_type=jnp.float32)
+    return _soft_capped(logits, soft_cap)
+
+
+def _chunk_forward(hidden_chunk, lm_head, targets_chunk, soft_cap):
+    logits = _chunk_logits(hidden_chunk, lm_head, soft_cap)
     log_normaliser = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets_chunk[..., None], axis=-1)[..., 0]
     return target_logit - log_normaliser, log_normaliser
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _chunked_source_logprobs(hidden, lm_head, next_tokens, next_valid, chunk_size, batch_axes):
-    return _chunked_forward(hidden, lm_head, next_tokens, next_valid, chunk_size)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked_source_logprobs(hidden, lm_head, next_tokens, next_valid, chunk_size, batch_axes, soft_cap):
+    return _chunked_forward(hidden, lm_head, next_tokens, next_valid, chunk_size, soft_cap)[0]
 
 
-def _chunked_forward(hidden, lm_head, next_tokens, next_valid, chunk_size):
+def _chunked_forward(hidden, lm_head, next_tokens, next_valid, chunk_size, soft_cap):
     length = hidden.shape[1]
 
     def body(_, chunk):
         hidden_chunk, targets_chunk = chunk
-        return None, _chunk_forward(hidden_chunk, lm_head, targets_chunk)
+        return None, _chunk_forward(hidden_chunk, lm_head, targets_chunk, soft_cap)
 
     _, (lp, log_normaliser) = jax.lax.scan(
         body, None, (_split_chunks(hidden, chunk_size), _split_chunks(next_tokens, chunk_size))
@@ -162,8 +173,8 @@ def _chunked_forward(hidden, lm_head, next_tokens, next_valid, chunk_size):
     return lp, _merge_chunks(log_normaliser, length)
 
 
-def _chunked_fwd(hidden, lm_head, next_tokens, next_valid, chunk_size, batch_axes):
-    lp, log_normaliser = _chunked_forward(hidden, lm_head, next_tokens, next_valid, chunk_size)
+def _chunked_fwd(hidden, lm_head, next_tokens, next_valid, chunk_size, batch_axes, soft_cap):
+    lp, log_normaliser = _chunked_forward(hidden, lm_head, next_tokens, next_valid, chunk_size, soft_cap)
     return lp, (hidden, lm_head, next_tokens, next_valid, log_normaliser)
 
 
@@ -179,7 +190,7 @@ def _batch_shards(batch_axes: tuple[str, ...], batch: int) -> tuple[tuple[str, .
     return (axes, shards) if shards > 1 and batch % shards == 0 else ((), 1)
 
 
-def _chunked_bwd(chunk_size, batch_axes, residuals, lp_cotangent):
+def _chunked_bwd(chunk_size, batch_axes, soft_cap, residuals, lp_cotangent):
     hidden, lm_head, next_tokens, next_valid, log_normaliser = residuals
     batch, length = hidden.shape[:2]
     # d lp / d logits = onehot(target) - softmax(logits), scaled by the incoming cotangent.
@@ -191,12 +202,15 @@ def _chunked_bwd(chunk_size, batch_axes, residuals, lp_cotangent):
 
     def body(lm_head_grad, chunk):
         hidden_chunk, targets_chunk, lse_chunk, weight_chunk = chunk
-        logits = _chunk_logits(hidden_chunk, lm_head)
+        logits = _chunk_logits(hidden_chunk, lm_head, soft_cap)
         probs = jnp.exp(logits - lse_chunk[..., None])
         onehot = jax.nn.one_hot(targets_chunk, logits.shape[-1], dtype=jnp.float32)
+        capped_grad = weight_chunk[..., None] * (onehot - probs)
+        if soft_cap is not None:  # d(cap * tanh(z / cap)) / dz
+            capped_grad = capped_grad * (1.0 - jnp.square(logits / soft_cap))
         # In the weights' dtype, as the forward matmul: mixing f32 with a bf16 lm_head would make XLA hold an
         # f32 copy of the whole [D, V] matrix. Accumulation stays f32.
-        logits_grad = (weight_chunk[..., None] * (onehot - probs)).astype(lm_head.dtype)
+        logits_grad = capped_grad.astype(lm_head.dtype)
         hidden_grad = jnp.einsum("bcv,dv->bcd", logits_grad, lm_head, preferred_element_type=jnp.float32)
         # Each batch shard adds its own rows' partial gradient: a sum over rows held by one shard needs no
         # communication, so nothing crosses devices until the loop is done.

@@ -1,0 +1,98 @@
+"""Which Hugging Face tensor each of our parameters is: ``TensorMap`` and ``HF_NAME_MAPS`` per model_type.
+
+For each of our parameter paths the table lists the HF tensor name (``{i}`` =
+layer index, for the stacked layer parameters) and the layout change. Our
+kernels are ``[in..., out...]`` with heads split out (``q_proj``: ``[D, H, hd]``,
+``o_proj``: ``[H, hd, D]``); HF linears are ``[out, in]`` with heads flattened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["HF_NAME_MAPS", "TensorMap"]
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+    """One parameter: our state path, its HF name, and how the layouts differ.
+
+    ``layout``: "same" (identical), "flat" (ours ``[H, hd]`` = HF ``[H*hd]``), or
+    "linear" (ours ``[in..., out...]`` with ``in_dims`` input dims = HF ``[out, in]`` flattened).
+    """
+
+    ours: tuple[str, ...]
+    hf: str
+    layout: str = "same"
+    in_dims: int = 1
+
+    @property
+    def stacked(self) -> bool:
+        """True for the layer parameters, which carry a leading ``num_layers`` axis on our side."""
+        return self.ours[0] == "layers"
+
+    def hf_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """HF shape of one tensor, given our (per-layer) shape."""
+        if self.layout == "flat":
+            return (math.prod(shape),)
+        if self.layout == "linear":
+            return (math.prod(shape[self.in_dims :]), math.prod(shape[: self.in_dims]))
+        return tuple(shape)
+
+    def to_ours(self, hf: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        """A view (no copy, so memory maps stay lazy) of an HF tensor in our layout."""
+        if self.layout == "linear":
+            return hf.T.reshape(shape)
+        return hf.reshape(shape)
+
+    def to_hf(self, ours: np.ndarray) -> np.ndarray:
+        """Our (per-layer) array in HF layout, contiguous for safetensors."""
+        hf_shape = self.hf_shape(ours.shape)
+        if self.layout == "linear":
+            return np.ascontiguousarray(ours.reshape(hf_shape[::-1]).T)
+        return ours.reshape(hf_shape)
+
+
+_LAYER = "model.layers.{i}."
+# The four supported architectures name their tensors the same way; a new family adds its own table.
+_LLAMA_FAMILY = (
+    TensorMap(("embed",), "model.embed_tokens.weight"),
+    TensorMap(("layers", "attn_norm", "scale"), _LAYER + "input_layernorm.weight"),
+    TensorMap(("layers", "attn", "q_proj"), _LAYER + "self_attn.q_proj.weight", "linear"),
+    TensorMap(("layers", "attn", "k_proj"), _LAYER + "self_attn.k_proj.weight", "linear"),
+    TensorMap(("layers", "attn", "v_proj"), _LAYER + "self_attn.v_proj.weight", "linear"),
+    TensorMap(("layers", "attn", "o_proj"), _LAYER + "self_attn.o_proj.weight", "linear", in_dims=2),
+    TensorMap(("layers", "attn", "q_bias"), _LAYER + "self_attn.q_proj.bias", "flat"),
+    TensorMap(("layers", "attn", "k_bias"), _LAYER + "self_attn.k_proj.bias", "flat"),
+    TensorMap(("layers", "attn", "v_bias"), _LAYER + "self_attn.v_proj.bias", "flat"),
+    TensorMap(("layers", "attn", "o_bias"), _LAYER + "self_attn.o_proj.bias"),
+    TensorMap(("layers", "attn", "q_norm", "scale"), _LAYER + "self_attn.q_norm.weight"),
+    TensorMap(("layers", "attn", "k_norm", "scale"), _LAYER + "self_attn.k_norm.weight"),
+    TensorMap(("layers", "mlp_norm", "scale"), _LAYER + "post_attention_layernorm.weight"),
+    TensorMap(("layers", "mlp", "gate_proj"), _LAYER + "mlp.gate_proj.weight", "linear"),
+    TensorMap(("layers", "mlp", "up_proj"), _LAYER + "mlp.up_proj.weight", "linear"),
+    TensorMap(("layers", "mlp", "down_proj"), _LAYER + "mlp.down_proj.weight", "linear"),
+    TensorMap(("layers", "mlp", "gate_bias"), _LAYER + "mlp.gate_proj.bias"),
+    TensorMap(("layers", "mlp", "up_bias"), _LAYER + "mlp.up_proj.bias"),
+    TensorMap(("layers", "mlp", "down_bias"), _LAYER + "mlp.down_proj.bias"),
+    TensorMap(("final_norm", "scale"), "model.norm.weight"),
+    TensorMap(("lm_head",), "lm_head.weight", "linear"),
+)
+# Gemma: post_attention_layernorm norms the attention output; the MLP has a pre- and a post-norm of its own.
+_GEMMA_NORMS = (
+    TensorMap(("layers", "post_attn_norm", "scale"), _LAYER + "post_attention_layernorm.weight"),
+    TensorMap(("layers", "mlp_norm", "scale"), _LAYER + "pre_feedforward_layernorm.weight"),
+    TensorMap(("layers", "post_mlp_norm", "scale"), _LAYER + "post_feedforward_layernorm.weight"),
+)
+_GEMMA_FAMILY = tuple(e for e in _LLAMA_FAMILY if e.ours != ("layers", "mlp_norm", "scale")) + _GEMMA_NORMS
+HF_NAME_MAPS: dict[str, tuple[TensorMap, ...]] = {
+    "llama": _LLAMA_FAMILY,
+    "mistral": _LLAMA_FAMILY,
+    "qwen2": _LLAMA_FAMILY,
+    "qwen3": _LLAMA_FAMILY,
+    "gemma2": _GEMMA_FAMILY,
+    "gemma3_text": _GEMMA_FAMILY,
+}
