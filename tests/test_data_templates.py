@@ -136,3 +136,47 @@ def test_the_training_pipeline_hands_on_every_turn_and_resumes_between_them(tmp_
     resumed.set_state(json.loads(json.dumps(state)))
     np.testing.assert_array_equal(np.stack([b["tokens"][0] for b in resumed]), np.stack(rows[1:]))
     assert resumed.stats["kept"] == 8
+
+
+# As Gemma 3's template: no system role (a system message is folded into the first user turn), the assistant
+# is "model", contents trimmed, every turn closed by <end_of_turn> and a newline.
+GEMMA = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+
+def test_gemma_template_trains_exactly_each_reply_and_its_end_of_turn():
+    from jaxrlhf.models import end_of_turn_token_id
+
+    tok = tokenizer()
+    tok.add_special_tokens({"bos_token": "<bos>", "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tok.chat_template = GEMMA
+    record = {"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": " hi there \n"},
+        {"role": "user", "content": "bye?"},
+        {"role": "assistant", "content": "bye"},
+    ]}  # fmt: skip
+    (example,), dropped = encode_sft_examples(record, tok, max_length=512, chat_template=GEMMA)
+    text = b"".join(token_bytes(tok, example["tokens"])).decode()
+    assert dropped == [] and text == (
+        "<bos><start_of_turn>user\nBe brief.\n\nhello<end_of_turn>\n<start_of_turn>model\nhi there<end_of_turn>\n"
+        "<start_of_turn>user\nbye?<end_of_turn>\n<start_of_turn>model\nbye<end_of_turn>\n"
+    )
+    mask = np.asarray(example["loss_mask"])
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))
+    spans = [b"".join(token_bytes(tok, example["tokens"][a:b])).decode() for a, b in zip(edges[::2], edges[1::2])]
+    assert spans == ["hi there<end_of_turn>", "bye<end_of_turn>"]  # not the newline, not the model header
+    assert end_of_turn_token_id(tok) == tok.convert_tokens_to_ids("<end_of_turn>")

@@ -100,7 +100,12 @@ def layer_kinds(config: ModelConfig, impl: str) -> list[LayerKind]:
 
 def layer_groups(kinds: list[LayerKind]) -> list[LayerGroup]:
     """Cut the layers into repeating patterns, from the first layer on: at each point the pattern that repeats
-    over the most layers (at least twice), the shortest such; a layer that starts no repetition is its own group."""
+    over the most layers (at least twice), the shortest such; a layer that starts no repetition is its own group.
+
+    A scan step over a pattern of several layers slices each layer's parameters out of the step's stack inside
+    the layer's remat, so nothing is saved twice; with remat "none" those slices are residuals of the scan,
+    one more copy of the layer parameters (any remat policy avoids it).
+    """
     groups: list[LayerGroup] = []
     start = 0
     while start < len(kinds):

@@ -39,8 +39,11 @@ Interface for a trainer::
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -75,6 +78,7 @@ _REMAT_POLICIES = {
 _ACTIVATION_AXES = ("batch", "seq", "act_embed")
 # Megatron-style sequence parallelism: between attention and MLP blocks the residual stream (and what remat
 # keeps of it) is split along the sequence over the tensor ranks instead of held whole on each.
+_NO_WINDOW = np.iinfo(np.int32).max
 _SEQUENCE_PARALLEL_RULES = tuple(("seq", "tensor") if name == "seq" else (name, axes) for name, axes in DEFAULT_RULES)
 
 
@@ -187,51 +191,74 @@ class Decoder(nnx.Module):
         return constrain(x, _ACTIVATION_AXES, rules)
 
     def _layers(self, x, ropes, base: AttentionCall, query_index, key_index, kv_cache=None, cache_index=None, *, rng=None):
-        """All layers, scanned in repeating groups (``attention.layer_groups``) or unrolled, with remat:
-        ``(x, kv_cache)``, each cache ``[layers, ...]``.
+        """All layers, scanned or unrolled, with remat: ``(x, kv_cache)``, each cache ``[layers, ...]``.
 
-        ``base`` holds the kernel, the dense mask and the segment ids; each
-        layer's kind adds its static window (``query_index`` ``[T]`` and
-        ``key_index`` ``[S]`` are the slots of queries and keys, for the windows
-        of dense masks) and picks its RoPE tables from ``ropes``.
+        ``base`` holds the kernel, the dense mask and the segment ids. With a
+        dense kernel every layer runs in one scan, its window (a mask over
+        ``query_index`` ``[T]`` x ``key_index`` ``[S]``) and its choice of RoPE
+        table riding along as per-layer values. A flash kernel's window is
+        static, so layers that differ run as repeating groups
+        (``attention.layer_groups``), one repetition of the pattern per scan step.
         """
         config = self.config
         graphdef, stacked = nnx.split(self.layers)
         rngs = None if rng is None else jax.random.split(rng, config.num_layers)
-        per_layer = (stacked, kv_cache, rngs)
+        kinds = attention.layer_kinds(config, base.impl)
+        remat = functools.partial(jax.checkpoint, prevent_cse=not config.scan_layers)  # scan: CSE cannot undo it
 
-        def make_layer(kind: attention.LayerKind):
-            if kind.impl in attention.DENSE:
-                mask = base.mask
-                if kind.window is not None:
-                    mask = attention.window_mask(mask, kind.window, query_index, key_index)
-                call = AttentionCall(kind.impl, mask=mask)
-            else:
-                call = AttentionCall(kind.impl, segment_ids=base.segment_ids, window=kind.window)
-            cos, sin = ropes[kind.local_rope]
+        def make_layer(kind: attention.LayerKind | None, position: int | None = None):
+            """``(x, xs) -> (x, cache)`` for one layer of ``kind`` (None: a dense layer whose xs carry its window
+            and RoPE choice). With ``position``, ``xs`` holds a whole scan step's pattern and the layer takes its
+            slice inside the remat: slices taken outside it would be residuals that the scan stacks."""
 
-            def layer(x, layer_state, layer_cache, layer_rng):
-                block = nnx.merge(graphdef, layer_state)
-                y, layer_cache = block(x, cos, sin, call, layer_cache, cache_index, layer_rng)
+            def layer(x, xs):
+                if position is not None:
+                    xs = jax.tree.map(lambda a: a[position], xs)
+                state, layer_cache, layer_rng, window, local = (*xs, None, None)[:5]
+                if kind is None:
+                    mask = base.mask if window is None else attention.window_mask(base.mask, window, query_index, key_index)
+                    call = AttentionCall(kinds[0].impl, mask=mask)  # dense layers share one kernel
+                    cos, sin = ropes[False] if local is None else jax.tree.map(
+                        lambda g, l: jnp.where(local, l, g), ropes[False], ropes[True]
+                    )
+                else:
+                    call = AttentionCall(kind.impl, segment_ids=base.segment_ids, window=kind.window)
+                    if kind.impl in attention.DENSE:  # a flash kernel's layer handed to xla
+                        mask = base.mask if kind.window is None else attention.window_mask(
+                            base.mask, kind.window, query_index, key_index
+                        )
+                        call = AttentionCall(kind.impl, mask=mask)
+                    cos, sin = ropes[kind.local_rope]
+                y, layer_cache = nnx.merge(graphdef, state)(x, cos, sin, call, layer_cache, cache_index, layer_rng)
                 return self._between_layers(y), layer_cache
 
-            if config.remat == "none":
-                return layer
-            # Inside lax.scan, CSE across iterations cannot undo the remat, so skip its barrier.
-            return jax.checkpoint(layer, policy=_REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
+            return layer if config.remat == "none" else remat(layer, policy=_REMAT_POLICIES[config.remat])
 
-        kinds = attention.layer_kinds(config, base.impl)
-        layers = {kind: make_layer(kind) for kind in dict.fromkeys(kinds)}
+        def stack(caches):
+            return None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)
 
-        def run(x, kinds, xs):  # layers one after the other; xs holds their parameters, caches and keys
+        if all(kind.impl in attention.DENSE for kind in kinds):
+            windows = [kind.window for kind in kinds]
+            window_array = None
+            if any(w is not None for w in windows):
+                window_array = jnp.asarray([_NO_WINDOW if w is None else w for w in windows], jnp.int32)
+            local_array = jnp.asarray([kind.local_rope for kind in kinds]) if len(ropes) > 1 else None
+            layer = make_layer(None)
+            xs = (stacked, kv_cache, rngs, window_array, local_array)
+            if config.scan_layers:
+                return jax.lax.scan(layer, x, xs)
             caches = []
-            for j, kind in enumerate(kinds):
-                x, layer_cache = layers[kind](x, *jax.tree.map(lambda a: a[j], xs))
+            for i in range(config.num_layers):
+                x, layer_cache = layer(x, jax.tree.map(lambda a: a[i], xs))
                 caches.append(layer_cache)
-            return x, (None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches))
-
+            return x, stack(caches)
+        per_layer = (stacked, kv_cache, rngs)
         if not config.scan_layers:
-            return run(x, kinds, per_layer)
+            caches = []
+            for i, kind in enumerate(kinds):
+                x, layer_cache = make_layer(kind)(x, jax.tree.map(lambda a: a[i], per_layer))
+                caches.append(layer_cache)
+            return x, stack(caches)
         caches = []
         for group in attention.layer_groups(kinds):
             period, stop = len(group.kinds), group.start + group.repeats * len(group.kinds)
@@ -239,10 +266,18 @@ class Decoder(nnx.Module):
                 lambda a: a[group.start : stop], per_layer
             )
             if period == 1:  # one layer per step: scan the stacks as they are
-                x, group_cache = jax.lax.scan(lambda x, xs, kind=group.kinds[0]: layers[kind](x, *xs), x, xs)
+                x, group_cache = jax.lax.scan(make_layer(group.kinds[0]), x, xs)
             else:
                 xs = jax.tree.map(lambda a: a.reshape(group.repeats, period, *a.shape[1:]), xs)
-                x, group_cache = jax.lax.scan(lambda x, xs, kinds=group.kinds: run(x, kinds, xs), x, xs)
+
+                def step(x, xs, kinds=group.kinds):
+                    out = []
+                    for j, kind in enumerate(kinds):
+                        x, layer_cache = make_layer(kind, j)(x, xs)
+                        out.append(layer_cache)
+                    return x, stack(out)
+
+                x, group_cache = jax.lax.scan(step, x, xs)
                 group_cache = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), group_cache)
             caches.append(group_cache)
         if kv_cache is None or len(caches) == 1:

@@ -1,7 +1,8 @@
 """Named model shapes for demos, dry runs and benchmarks (random weights; real checkpoints use ``load_hf``).
 
 Shapes follow the published Hugging Face configs of the models they are named
-after; ``tiny`` is a 2-layer Qwen2-style model for CPU demos and tests whose
+after (Gemma's through ``config_from_hf``, so layer patterns, RoPE and caps are
+what transformers derives from those files); ``tiny`` is a 2-layer Qwen2-style model for CPU demos and tests whose
 vocabulary is the tokenizer's.
 """
 
@@ -10,6 +11,14 @@ from __future__ import annotations
 import dataclasses
 
 from jaxrlhf.models.config import ModelConfig, RopeConfig
+from jaxrlhf.models.hf_config import config_from_hf
+
+
+def _gemma(model_type: str, **hf) -> ModelConfig:
+    """A Gemma shape from its config.json keys (the layer pattern, RoPE and caps as transformers derives them)."""
+    common = dict(num_key_value_heads=hf["num_attention_heads"] // 2, head_dim=256, query_pre_attn_scalar=256)
+    return config_from_hf({"model_type": model_type, **common, **hf})
+
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
@@ -36,6 +45,22 @@ PRESETS: dict[str, ModelConfig] = {
         model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
         num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope=RopeConfig(theta=500000.0),
         max_position_embeddings=8192,
+    ),
+    "gemma2-2b": _gemma(
+        "gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, sliding_window=4096,
+    ),
+    "gemma2-9b": _gemma(
+        "gemma2", vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+        num_attention_heads=16, sliding_window=4096,
+    ),
+    "gemma3-1b": _gemma(
+        "gemma3_text", vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+        num_attention_heads=4, num_key_value_heads=1, sliding_window=512, max_position_embeddings=32768,
+    ),
+    "gemma3-4b": _gemma(
+        "gemma3_text", vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+        num_attention_heads=8, sliding_window=1024, rope_scaling={"rope_type": "linear", "factor": 8.0},
     ),
 }  # fmt: skip
 
