@@ -40,6 +40,16 @@ ROWS = [
      ["--model.preset", "qwen2.5-7b"]),
     ("Qwen2.5-7B SFT 8192, 8 x H100", "sft", "configs/llama3-8b_sft_tpu_v5p.yaml", 8, "h100",
      ["--model.preset", "qwen2.5-7b", "--mesh.tensor", "1", "--data.batch_size", "64"]),
+    ("Gemma-2-9B SFT 4096, v5e-32 (32 chips)", "sft", "configs/gemma2-9b_sft_tpu_v5e.yaml", 32, "tpu-v5e",
+     ["--model.preset", "gemma2-9b"]),
+    ("Gemma-2-9B SFT 4096, v5e-16 (16 chips)", "sft", "configs/gemma2-9b_sft_tpu_v5e.yaml", 16, "tpu-v5e",
+     ["--model.preset", "gemma2-9b", "--mesh.tensor", "8", "--micro_batches", "16"]),
+    ("Gemma-2-2B SFT 4096, 8 x H100", "sft", "configs/qwen2.5-0.5b_sft_gpu.yaml", 8, "h100",
+     ["--model.preset", "gemma2-2b"]),
+    ("Gemma-3-1B SFT 4096, 8 x H100", "sft", "configs/qwen2.5-0.5b_sft_gpu.yaml", 8, "h100",
+     ["--model.preset", "gemma3-1b"]),
+    ("Gemma-3-4B SFT 4096, 8 x H100", "sft", "configs/qwen2.5-0.5b_sft_gpu.yaml", 8, "h100",
+     ["--model.preset", "gemma3-4b"]),
 ]  # fmt: skip
 
 _CHILD = """
