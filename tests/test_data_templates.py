@@ -156,8 +156,8 @@ GEMMA = (
 )
 
 
-def test_gemma_template_trains_exactly_each_reply_and_its_end_of_turn():
-    from jaxrlhf.models import end_of_turn_token_id
+def test_gemma_template_trains_exactly_each_reply_and_its_end_of_turn(tmp_path):
+    from jaxrlhf.models import config_from_hf, end_of_turn_token_id, init_model, save_hf
 
     tok = tokenizer()
     tok.add_special_tokens({"bos_token": "<bos>", "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
@@ -179,4 +179,11 @@ def test_gemma_template_trains_exactly_each_reply_and_its_end_of_turn():
     edges = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))
     spans = [b"".join(token_bytes(tok, example["tokens"][a:b])).decode() for a, b in zip(edges[::2], edges[1::2])]
     assert spans == ["hi there<end_of_turn>", "bye<end_of_turn>"]  # not the newline, not the model header
-    assert end_of_turn_token_id(tok) == tok.convert_tokens_to_ids("<end_of_turn>")
+    end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
+    assert end_of_turn_token_id(tok) == end_of_turn
+    # An exported Gemma stops generating at the end of its turn.
+    tiny = dict(model_type="gemma3_text", vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8)  # fmt: skip
+    config = config_from_hf(tiny, dtype="float32")
+    save_hf(init_model(config), config, tmp_path, tokenizer=tok)
+    assert end_of_turn in json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"]
