@@ -9,6 +9,11 @@ Supported ``model_type``s and what sets them apart (everything else is shared):
   from ``max_window_layers`` on (``layer_types`` in v5 configs);
 - ``qwen3``: RMSNorm on each query/key head, ``attention_bias`` like Llama,
   explicit ``head_dim``.
+- ``qwen3_moe`` (Qwen3-MoE) and ``mixtral``: mixture-of-experts MLPs
+  (``models.moe``): ``num_experts`` gated experts of width ``moe_intermediate_size``
+  with top-``num_experts_per_tok`` softmax routing, renormalised when
+  ``norm_topk_prob`` (Mixtral always); qwen3_moe attention is qwen3's, mixtral's
+  mistral's. Every layer must be a MoE layer (see ``_parse_moe``).
 
 RoPE parameters are read from the transformers-v5 ``rope_parameters`` dict and
 from the older top-level ``rope_theta`` / ``rope_scaling`` keys. Keys a
@@ -46,6 +51,8 @@ ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
 }
 # Named after what each saves inside a layer (see models.decoder).
 REMAT_POLICIES = ("none", "full", "dots_with_no_batch_dims_saveable", "dots_saveable", "save_attention_out_mlp_in")
@@ -53,6 +60,8 @@ ATTENTION_IMPLS = IMPLEMENTATIONS  # jaxrlhf.ops.attention
 ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
+MOE_TYPES = ("qwen3_moe", "mixtral")
+MOE_IMPLS = ("ragged", "planned")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +99,13 @@ class ModelConfig:
     hidden_act: str = "silu"
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()  # per layer: "full_attention" | "sliding_attention"; () = all full
+    # Mixture of experts (qwen3_moe, mixtral; models.moe): num_experts 0 = a dense MLP in every layer.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # top-k
+    moe_intermediate_size: int = 0  # each expert's MLP width
+    norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1 (mixtral: always)
+    router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss in training (config.json's)
+    moe_impl: str = "ragged"  # how to run, not config.json: ragged (grouped matmul) | planned (dry-run stand-in)
     initializer_range: float = 0.02
     checkpoint_dtype: str | None = None  # the weights' dtype in the HF checkpoint ("bfloat16", ...)
     bos_token_id: int | None = None
@@ -120,7 +136,13 @@ class ModelConfig:
         if SLIDING_ATTENTION in self.layer_types and not self.sliding_window:
             raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
         _check_choice("weight_qtype", self.weight_qtype, ("none", *QTYPES))
+        _check_moe(self)
         _check_expressible(self)
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the layers' MLPs are mixtures of experts (``models.moe``)."""
+        return self.num_experts > 0
 
     @property
     def uses_dropout(self) -> bool:
@@ -145,14 +167,22 @@ def _check_expressible(config: ModelConfig) -> None:
         "qwen3": config.qkv_bias == config.o_bias,
         "qwen2": config.qkv_bias and not config.o_bias,
         "mistral": not (config.qkv_bias or config.o_bias),
+        "qwen3_moe": config.qkv_bias == config.o_bias,
+        "mixtral": not (config.qkv_bias or config.o_bias),
     }[config.model_type]
     problems = []
     if not bias:
         problems.append(f"qkv_bias={config.qkv_bias}, o_bias={config.o_bias}")
     if config.mlp_bias and config.model_type != "llama":
         problems.append("mlp_bias (llama only)")
-    if config.qk_norm != (config.model_type == "qwen3"):
+    if config.qk_norm != (config.model_type in ("qwen3", "qwen3_moe")):
         problems.append(f"qk_norm={config.qk_norm} (qwen3 always, others never)")
+    if config.is_moe != (config.model_type in MOE_TYPES):
+        problems.append(f"num_experts={config.num_experts} (qwen3_moe and mixtral have experts, others not)")
+    if config.model_type == "mixtral" and config.is_moe and not config.norm_topk_prob:
+        problems.append("norm_topk_prob=False (mixtral always renormalises its top-k weights)")
+    if config.model_type in MOE_TYPES and config.layer_types not in ((), (SLIDING_ATTENTION,) * config.num_layers):
+        problems.append("mixed layer_types (qwen3_moe and mixtral slide on every layer or none)")
     if config.model_type == "mistral" and config.layer_types not in ((), (SLIDING_ATTENTION,) * config.num_layers):
         problems.append("mixed layer_types (mistral slides on every layer or none)")
     if config.model_type == "mistral" and bool(config.sliding_window) != bool(config.layer_types):
@@ -161,6 +191,24 @@ def _check_expressible(config: ModelConfig) -> None:
         problems.append("sliding attention (not in llama)")
     if problems:
         raise ValueError(f"model_type {config.model_type!r} cannot have: {'; '.join(problems)}")
+
+
+def _check_moe(config: ModelConfig) -> None:
+    _check_choice("moe_impl", config.moe_impl, MOE_IMPLS)
+    if not config.is_moe:
+        return
+    if not 0 < config.num_experts_per_tok <= config.num_experts:
+        raise ValueError(f"num_experts_per_tok={config.num_experts_per_tok} must be in 1..num_experts={config.num_experts}")
+    if config.moe_intermediate_size <= 0:
+        raise ValueError(f"moe_intermediate_size={config.moe_intermediate_size} must be > 0 with num_experts > 0")
+    if config.weight_qtype != "none":
+        raise ValueError(f"model.lora.weight_qtype {config.weight_qtype}: the experts of a MoE model are not quantized")
+    adapted = sorted({"gate_proj", "up_proj", "down_proj"} & set(config.lora.targets if config.lora else ()))
+    if adapted:
+        raise ValueError(
+            f"model.lora.target_modules {', '.join(adapted)}: the experts of a MoE model have no LoRA adapters; "
+            "target q_proj, k_proj, v_proj, o_proj"
+        )
 
 
 def _check_choice(name: str, value, known: tuple) -> None:
@@ -218,6 +266,62 @@ def _parse_layer_types(model_type: str, hf: Mapping[str, Any], num_layers: int) 
     return None, ()
 
 
+def _parse_moe(model_type: str, hf: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """The ModelConfig fields of a MoE config.json (none for a dense one), with the transformers defaults.
+
+    The expert count is ``num_experts`` on the Hub's Qwen3-MoE configs and
+    ``num_local_experts`` as transformers 5 writes both. Layers are stacked with
+    one structure, so every layer must be a MoE layer: ``decoder_sparse_step`` 1
+    and no ``mlp_only_layers`` (true of every released Qwen3-MoE).
+    """
+    if model_type not in MOE_TYPES:
+        return {}
+    experts = hf.get("num_local_experts", hf.get("num_experts", 128 if model_type == "qwen3_moe" else 8))
+    dense = sorted(set(hf.get("mlp_only_layers") or ()))
+    step = hf.get("decoder_sparse_step", 1)
+    if dense or step != 1:
+        raise ValueError(
+            f"{model_type} with dense layers (decoder_sparse_step={step}, mlp_only_layers={dense}) is not supported: "
+            f"every one of the {num_layers} layers must be a MoE layer"
+        )
+    width = hf.get("moe_intermediate_size", 768) if model_type == "qwen3_moe" else hf["intermediate_size"]
+    return dict(
+        num_experts=experts,
+        num_experts_per_tok=hf.get("num_experts_per_tok", 8 if model_type == "qwen3_moe" else 2),
+        moe_intermediate_size=width,
+        norm_topk_prob=model_type == "mixtral" or bool(hf.get("norm_topk_prob", False)),
+        router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+    )
+
+
+def _moe_sliding_window(model_type: str, hf: Mapping[str, Any], num_layers: int) -> tuple[int | None, tuple[str, ...]]:
+    """Mixtral slides on every layer when ``sliding_window`` is set; Qwen3-MoE when ``use_sliding_window`` is."""
+    window = hf.get("sliding_window")
+    if model_type == "qwen3_moe" and not hf.get("use_sliding_window", False):
+        window = None
+    return (window, (SLIDING_ATTENTION,) * num_layers) if window else (None, ())
+
+
+def _moe_to_hf(config: ModelConfig) -> dict[str, Any]:
+    hf: dict[str, Any] = {
+        "num_local_experts": config.num_experts,
+        "num_experts_per_tok": config.num_experts_per_tok,
+        "router_aux_loss_coef": config.router_aux_loss_coef,
+        "sliding_window": config.sliding_window,
+    }
+    if config.model_type == "qwen3_moe":
+        hf.update(
+            num_experts=config.num_experts,  # the Hub's spelling, for tools that read it
+            moe_intermediate_size=config.moe_intermediate_size,
+            norm_topk_prob=config.norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            attention_bias=config.o_bias,
+            use_sliding_window=config.sliding_window is not None,
+        )
+    return hf
+
+
 def config_from_hf(hf: Mapping[str, Any], **runtime: Any) -> ModelConfig:
     """Parse a config.json dict; ``runtime`` sets the how-to-run fields (dtype, param_dtype, remat, ...)."""
     model_type = hf.get("model_type")
@@ -230,7 +334,9 @@ def config_from_hf(hf: Mapping[str, Any], **runtime: Any) -> ModelConfig:
     num_layers = hf["num_hidden_layers"]
     attention_bias = bool(hf.get("attention_bias", False))
     sliding_window, layer_types = _parse_layer_types(model_type, hf, num_layers)
-    eos = hf.get("eos_token_id", 2 if model_type in ("llama", "mistral") else None)
+    if model_type in MOE_TYPES:
+        sliding_window, layer_types = _moe_sliding_window(model_type, hf, num_layers)
+    eos = hf.get("eos_token_id", 2 if model_type in ("llama", "mistral", "mixtral") else None)
     return ModelConfig(
         model_type=model_type,
         vocab_size=hf["vocab_size"],
@@ -244,18 +350,19 @@ def config_from_hf(hf: Mapping[str, Any], **runtime: Any) -> ModelConfig:
         rope=_parse_rope(hf),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2" or (model_type in ("llama", "qwen3") and attention_bias),
-        o_bias=model_type in ("llama", "qwen3") and attention_bias,
+        qkv_bias=model_type == "qwen2" or (model_type in ("llama", "qwen3", "qwen3_moe") and attention_bias),
+        o_bias=model_type in ("llama", "qwen3", "qwen3_moe") and attention_bias,
         mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         hidden_act=hf.get("hidden_act", "silu"),
         sliding_window=sliding_window,
         layer_types=layer_types,
         initializer_range=float(hf.get("initializer_range", 0.02)),
         checkpoint_dtype=hf.get("dtype") or hf.get("torch_dtype"),
-        bos_token_id=hf.get("bos_token_id", 1 if model_type in ("llama", "mistral") else None),
+        bos_token_id=hf.get("bos_token_id", 1 if model_type in ("llama", "mistral", "mixtral") else None),
         eos_token_id=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
         pad_token_id=hf.get("pad_token_id"),
+        **_parse_moe(model_type, hf, num_layers),
         **runtime,
     )
 
@@ -316,4 +423,6 @@ def config_to_hf(config: ModelConfig, *, dtype: str) -> dict[str, Any]:
             max_window_layers=types.index(SLIDING_ATTENTION) if SLIDING_ATTENTION in types else config.num_layers,
             layer_types=list(types),
         )
+    if config.is_moe:
+        hf.update(_moe_to_hf(config))
     return hf

@@ -119,19 +119,40 @@ class Decoder(nnx.Module):
     ) -> jax.Array:
         """Final hidden states ``[B, T, D]`` (after the last norm) in ``config.dtype``; ``rng`` switches LoRA
         dropout on (training forwards only)."""
+        return self.forward(tokens, positions=positions, segment_ids=segment_ids, rng=rng)[0]
+
+    def forward(
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        rng: jax.Array | None = None,
+        token_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict | None]:
+        """``(hidden, router_stats)``: ``__call__``'s hidden states and, for a MoE model, the router
+        statistics summed over its layers (``ops.moe.ROUTER_STATS``; None for a dense model) of the tokens
+        ``token_mask`` ``[B, T]`` marks (default: ``segment_ids > 0``, else every token)."""
+        if token_mask is None and segment_ids is not None:
+            token_mask = segment_ids > 0
         if positions is None:
             positions = segment_positions(jnp.ones_like(tokens) if segment_ids is None else segment_ids)
         impl = attention.resolve(self.config.attention_impl, packed=segment_ids is not None)
         rope, index = rope_tables(positions, self.config), jnp.arange(tokens.shape[1])
         x = self._embed(tokens)
+        stats = []
         for start, stop, run_impl, window in attention.layer_runs(self.config, impl):
             if run_impl in attention.DENSE:
                 # Unpacked rows need no mask beyond is_causal, which lets cuDNN run without a dense bias.
                 call = AttentionCall(run_impl, mask=None if segment_ids is None else attention.segment_mask(segment_ids))
             else:
                 call = AttentionCall(run_impl, segment_ids=segment_ids, window=window)
-            x, _ = self._layers(x, rope, call, index, index, layers=(start, stop), rng=rng)
-        return constrain(self.final_norm(x), _ACTIVATION_AXES)
+            x, _, run_stats = self._layers(
+                x, rope, call, index, index, layers=(start, stop), rng=rng, token_mask=token_mask
+            )
+            stats.append(run_stats)
+        router_stats = jax.tree.map(lambda *runs: sum(s.sum(0) for s in runs), *stats) if self.config.is_moe else None
+        return constrain(self.final_norm(x), _ACTIVATION_AXES), router_stats
 
     def extend(
         self, tokens: jax.Array, cache: KVCache, *, positions: jax.Array, segment_ids: jax.Array | None = None
@@ -155,7 +176,7 @@ class Decoder(nnx.Module):
         query_index = start + jnp.arange(tokens.shape[1])
         key_index = jnp.arange(cache.segment_ids.shape[1])
         visible = (segment_ids[:, :, None] == slot_segments[:, None, :]) & (key_index <= query_index[:, None])
-        x, (keys, values) = self._layers(
+        x, (keys, values), _ = self._layers(
             self._embed(tokens),
             rope_tables(positions, self.config),
             AttentionCall("xla", mask=visible[:, None]),
@@ -175,9 +196,12 @@ class Decoder(nnx.Module):
         rules = _SEQUENCE_PARALLEL_RULES if self.config.sequence_parallel else DEFAULT_RULES
         return constrain(x, _ACTIVATION_AXES, rules)
 
-    def _layers(self, x, rope, call, query_index, key_index, kv_cache=None, cache_index=None, *, layers=None, rng=None):
-        """Layers ``layers = (start, stop)`` (default: all), scanned or unrolled, with remat: ``(x, kv_cache)``,
-        each cache ``[layers, ...]``.
+    def _layers(
+        self, x, rope, call, query_index, key_index, kv_cache=None, cache_index=None, *, layers=None, rng=None,
+        token_mask=None,
+    ):  # fmt: skip
+        """Layers ``layers = (start, stop)`` (default: all), scanned or unrolled, with remat: ``(x, kv_cache,
+        router_stats)``, each cache and MoE router statistic ``[layers, ...]`` (a scanned output; dense: None).
 
         ``query_index`` ``[T]`` and ``key_index`` ``[S]`` are the slots of the
         queries and keys, for the sliding windows of dense-mask layers (a flash
@@ -195,8 +219,8 @@ class Decoder(nnx.Module):
             if window is not None:
                 layer_call = call._replace(mask=attention.window_mask(call.mask, window, query_index, key_index))
             block = nnx.merge(graphdef, layer_state)
-            y, layer_cache = block(x, cos, sin, layer_call, layer_cache, cache_index, layer_rng)
-            return self._between_layers(y), layer_cache
+            y, layer_cache, stats = block(x, cos, sin, layer_call, layer_cache, cache_index, layer_rng, token_mask)
+            return self._between_layers(y), (layer_cache, stats)
 
         if config.remat != "none":
             # Inside lax.scan, CSE across iterations cannot undo the remat, so skip its barrier.
@@ -207,13 +231,17 @@ class Decoder(nnx.Module):
             window_array = jnp.asarray([_NO_WINDOW if w is None else w for w in windows], jnp.int32)
         rngs = None if rng is None else jax.random.split(rng, config.num_layers)[start:stop]
         if config.scan_layers:
-            return jax.lax.scan(lambda carry, xs: layer(carry, *xs), x, (stacked, window_array, kv_cache, rngs))
-        caches = []
+            x, (kv_cache, stats) = jax.lax.scan(
+                lambda carry, xs: layer(carry, *xs), x, (stacked, window_array, kv_cache, rngs)
+            )
+            return x, kv_cache, stats
+        outputs = []
         for i in range(stop - start):
             layer_state, layer_cache, layer_rng = jax.tree.map(lambda a: a[i], (stacked, kv_cache, rngs))
-            x, layer_cache = layer(x, layer_state, None if window_array is None else window_array[i], layer_cache, layer_rng)
-            caches.append(layer_cache)
-        return x, (None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches))
+            x, out = layer(x, layer_state, None if window_array is None else window_array[i], layer_cache, layer_rng)
+            outputs.append(out)
+        caches, stats = jax.tree.map(lambda *a: jnp.stack(a), *outputs) if outputs else (None, None)
+        return x, (None if kv_cache is None else caches), stats
 
 
 def init_model(

@@ -18,7 +18,11 @@ Name map: ``HF_NAME_MAPS[model_type]`` lists, for each of our parameter paths,
 the HF tensor name (``{i}`` = layer index, for the stacked layer parameters) and
 the layout change. Our kernels are ``[in..., out...]`` with heads split out
 (``q_proj``: ``[D, H, hd]``, ``o_proj``: ``[H, hd, D]``); HF linears are
-``[out, in]`` with heads flattened.
+``[out, in]`` with heads flattened. MoE experts are fused in memory on an
+``expert`` axis (``gate_proj`` ``[E, D, F]``) and saved per expert, as
+transformers saves them (``mlp.experts.{e}.gate_proj.weight``, Mixtral's
+``block_sparse_moe.experts.{e}.w1.weight``): a ``TensorMap`` with ``experts``
+set names one HF tensor per layer and expert (``{e}``).
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class TensorMap:
     hf: str
     layout: str = "same"
     in_dims: int = 1
+    experts: bool = False  # ours [layers, E, ...]: one HF tensor per layer and expert ({e} in hf)
 
     @property
     def stacked(self) -> bool:
@@ -121,6 +126,55 @@ HF_NAME_MAPS: dict[str, tuple[TensorMap, ...]] = {
     "qwen2": _LLAMA_FAMILY,
     "qwen3": _LLAMA_FAMILY,
 }
+
+
+def _moe_table(block: str, router: str, names: tuple[str, str, str]) -> tuple[TensorMap, ...]:
+    """The Llama-family table with the dense MLP replaced by a router and per-expert (gate, up, down) tensors."""
+    experts = _LAYER + block + ".experts.{e}."
+    return tuple(entry for entry in _LLAMA_FAMILY if entry.ours[:2] != ("layers", "mlp")) + (
+        TensorMap(("layers", "mlp", "router"), _LAYER + f"{block}.{router}.weight", "linear"),
+        *(
+            TensorMap(("layers", "mlp", ours), experts + f"{hf}.weight", "linear", experts=True)
+            for ours, hf in zip(("gate_proj", "up_proj", "down_proj"), names)
+        ),
+    )
+
+
+HF_NAME_MAPS["qwen3_moe"] = _moe_table("mlp", "gate", ("gate_proj", "up_proj", "down_proj"))
+HF_NAME_MAPS["mixtral"] = _moe_table("block_sparse_moe", "gate", ("w1", "w3", "w2"))
+
+
+def _expert_hf_names(entry: TensorMap, variable: nnx.Variable) -> list[tuple[str, tuple[int, ...]]]:
+    layers, experts, *shape = variable.shape
+    hf_shape = entry.hf_shape(shape)
+    return [(entry.hf.format(i=i, e=e), hf_shape) for i in range(layers) for e in range(experts)]
+
+
+def _expert_block(entry: TensorMap, shape, index, dtype, checkpoint) -> np.ndarray:
+    """Block ``index`` of a ``[layers, E, ...]`` parameter, read expert by expert."""
+    block = np.empty([len(range(size)[s]) for size, s in zip(shape, index)], dtype)
+    for j, i in enumerate(range(shape[0])[index[0]]):
+        for k, e in enumerate(range(shape[1])[index[1]]):
+            block[j, k] = entry.to_ours(checkpoint.tensor(entry.hf.format(i=i, e=e)), shape[2:])[index[2:]]
+    return block
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _expert_slice(stacked: jax.Array, layer: jax.Array, expert: jax.Array, dtype: np.dtype) -> jax.Array:
+    one = jax.lax.dynamic_index_in_dim(stacked, layer, keepdims=False)
+    return jax.lax.dynamic_index_in_dim(one, expert, keepdims=False).astype(dtype)
+
+
+def _expert_tensors(entry: TensorMap, v: nnx.Variable, i: int, dtype: np.dtype):
+    """(name, shape, fetch) of layer ``i``'s experts of one fused parameter."""
+    for e in range(v.shape[1]):
+        yield (
+            entry.hf.format(i=i, e=e),
+            entry.hf_shape(v.shape[2:]),
+            lambda e=e: entry.to_hf(to_host(_expert_slice(v[...], jnp.int32(i), jnp.int32(e), dtype))),
+        )
+
+
 # Tensors some checkpoints carry that are derived, not learned: safe to skip.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -137,6 +191,8 @@ def _entries(config: ModelConfig, state: nnx.State) -> list[tuple[TensorMap, nnx
 
 def _hf_names(entry: TensorMap, variable: nnx.Variable) -> list[tuple[str, tuple[int, ...]]]:
     """(HF name, HF shape) of every tensor behind one of our parameters (one per layer if stacked)."""
+    if entry.experts:
+        return _expert_hf_names(entry, variable)
     if entry.stacked:
         shape = entry.hf_shape(variable.shape[1:])
         return [(entry.hf.format(i=i), shape) for i in range(variable.shape[0])]
@@ -185,7 +241,9 @@ def _reader(entry: TensorMap, shape: tuple[int, ...], dtype: np.dtype, checkpoin
     def read(index: tuple[slice, ...]) -> np.ndarray:
         key = _index_key(index)
         if key not in cache:
-            if entry.stacked:
+            if entry.experts:
+                cache[key] = _expert_block(entry, shape, index, dtype, checkpoint)
+            elif entry.stacked:
                 layers = range(shape[0])[index[0]]
                 block_shape = [len(range(size)[s]) for size, s in zip(shape, index)]
                 block = np.empty(block_shape, dtype)
@@ -272,6 +330,9 @@ def _hf_tensors(entries, dtype: np.dtype) -> Iterator[tuple[str, tuple[int, ...]
             yield entry.hf, entry.hf_shape(v.shape), lambda e=entry, v=v: e.to_hf(to_host(v[...].astype(dtype)))
     for i in range(stacked[0][1].shape[0]):
         for entry, v in stacked:
+            if entry.experts:
+                yield from _expert_tensors(entry, v, i, dtype)
+                continue
             yield (
                 entry.hf.format(i=i),
                 entry.hf_shape(v.shape[1:]),
