@@ -66,6 +66,10 @@ class ModelArgs:
     """xla | cudnn (GPU flash attention)."""
     chunk_size: int = 0
     """Sequence positions per LM-head chunk; 0 = automatic (about 256 MiB of logits per chunk)."""
+    router_aux_loss_coef: float | None = None
+    """MoE: weight of the load-balancing loss (train.router_loss); null = config.json's router_aux_loss_coef."""
+    router_z_loss_coef: float = 0.0
+    """MoE models: weight of the router z-loss (ST-MoE's mean squared log-partition of the router logits)."""
     lora: LoraArgs | None = None
     """LoRA adapters (e.g. ``--model.lora.rank 16``); null = full fine-tuning. With LoRA the base is stored in
     ``dtype`` and frozen, param_dtype is the adapters', and DPO's reference model is the base with the adapters off."""
