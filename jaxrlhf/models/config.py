@@ -198,7 +198,9 @@ def _check_moe(config: ModelConfig) -> None:
     if not config.is_moe:
         return
     if not 0 < config.num_experts_per_tok <= config.num_experts:
-        raise ValueError(f"num_experts_per_tok={config.num_experts_per_tok} must be in 1..num_experts={config.num_experts}")
+        raise ValueError(
+            f"num_experts_per_tok={config.num_experts_per_tok} must be in 1..num_experts={config.num_experts}"
+        )
     if config.moe_intermediate_size <= 0:
         raise ValueError(f"moe_intermediate_size={config.moe_intermediate_size} must be > 0 with num_experts > 0")
     if config.weight_qtype != "none":

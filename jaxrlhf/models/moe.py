@@ -16,11 +16,15 @@ in ``shard_map``, so the sort is per device and the token exchange is explicit:
   top-k choices) and a reduce-scatter of the results: each device runs only
   its experts' assignments, zero elsewhere, and the reduce-scatter adds every
   token's k expert outputs back on the device that owns the token (plus a psum
-  over ``tensor`` for the split MLP width). A dropless ``all_to_all`` would
-  need a receive buffer of the same worst case (every token may pick one
-  device's experts), so only the bytes on the wire would differ, not the
-  memory; at Qwen3-30B-A3B's top-8 of 128 on 8 devices most tokens visit
-  every device anyway;
+  over ``tensor`` for the split MLP width). The gathered tokens go through
+  the experts one source device at a time (a scan whose body the backward
+  recomputes), so the sorted ``[tokens x k, D]`` rows exist for one device's
+  tokens at a time, not the whole group's. A dropless ``all_to_all`` would
+  need a receive buffer of the worst case (every token may pick one device's
+  experts); at Qwen3-30B-A3B's top-8 of 128 on 8 devices most tokens visit
+  every device anyway. The grouped matmul sees every source row and computes
+  the local experts' groups; a kernel that skips rows outside its groups
+  (TPU megablox ``gmm``) does only the local work;
 - expert weight gradients need no reduction over fsdp (each device owns its
   experts and saw every token routed to them); over ``data`` they are summed in
   float32 because the weights enter the shard_map in their storage dtype.
@@ -102,20 +106,26 @@ class MoE(nnx.Module):
         logits = flat @ router.astype(x.dtype)
         weights, experts, probs = moe_ops.route(logits, config.num_experts_per_tok, config.norm_topk_prob)
         stats = moe_ops.router_stats(logits, experts, probs, mask.reshape(-1))
-        gathered = axes.expert is not None and axes.expert in axes.batch
-        if gathered:
-            flat, experts, weights = (jax.lax.all_gather(a, axes.expert, tiled=True) for a in (flat, experts, weights))
         offset = 0 if axes.expert is None else jax.lax.axis_index(axes.expert) * gate.shape[0]
-        y = moe_ops.grouped_mlp(
-            flat, experts, weights, gate, up, down, self.activation, expert_offset=offset,
-            planned=config.moe_impl == "planned",
-        )  # fmt: skip
-        if axes.tensor is not None:
-            y = jax.lax.psum(y, axes.tensor)
-        if gathered:
-            y = jax.lax.psum_scatter(y, axes.expert, scatter_dimension=0, tiled=True)
-        elif axes.expert is not None:
-            y = jax.lax.psum(y, axes.expert)
+
+        def experts_of(flat, experts, weights):
+            return moe_ops.grouped_mlp(
+                flat, experts, weights, gate, up, down, self.activation, expert_offset=offset,
+                planned=config.moe_impl == "planned",
+            )  # fmt: skip
+
+        if axes.expert is not None and axes.expert in axes.batch:
+            # One source device's tokens at a time: k sorted rows per token of one shard, not of the whole group,
+            # and the backward recomputes them (a scan would otherwise stack them for every source).
+            group = tuple(jax.lax.all_gather(a, axes.expert) for a in (flat, experts, weights))  # [fsdp, N, ...]
+            one = jax.checkpoint(lambda _, xs: (None, experts_of(*xs)), policy=jax.checkpoint_policies.nothing_saveable)
+            y = jax.lax.scan(one, None, group)[1]
+            y = jax.lax.psum(y, axes.tensor) if axes.tensor is not None else y
+            y = jax.lax.psum_scatter(y, axes.expert, scatter_dimension=0)
+        else:
+            y = experts_of(flat, experts, weights)
+            y = jax.lax.psum(y, axes.tensor) if axes.tensor is not None else y
+            y = jax.lax.psum(y, axes.expert) if axes.expert is not None else y
         if axes.batch:
             stats = jax.lax.psum(stats, axes.batch)
         return y.reshape(b, t, d), stats

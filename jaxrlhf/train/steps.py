@@ -125,9 +125,8 @@ def sft_gradients(
 
     def loss_and_grad(params, mb):
         def loss_fn(params):
-            out = logprob_fn(
-                params, mb["tokens"], mb["positions"], mb["segment_ids"], **_dropout(mb), **router_loss.policy_kwargs(aux_loss)
-            )
+            policy = {**_dropout(mb), **router_loss.policy_kwargs(aux_loss)}
+            out = logprob_fn(params, mb["tokens"], mb["positions"], mb["segment_ids"], **policy)
             token_lp, stats = router_loss.split_output(out, aux_loss)
             loss, metrics = losses.sft_loss(token_lp, mb["loss_mask"], normalizer=normalizer)
             return router_loss.add_to_loss(loss, {"trained_tokens": metrics["trained_tokens"]}, stats, aux_loss)
