@@ -13,7 +13,7 @@ Supported ``model_type``s and what sets them apart (everything else is shared):
   (``models.moe``): ``num_experts`` gated experts of width ``moe_intermediate_size``
   with top-``num_experts_per_tok`` softmax routing, renormalised when
   ``norm_topk_prob`` (Mixtral always); qwen3_moe attention is qwen3's, mixtral's
-  mistral's. Every layer must be a MoE layer (see ``_parse_moe``).
+  mistral's. Every layer must be a MoE layer (``models.moe_config``).
 
 RoPE parameters are read from the transformers-v5 ``rope_parameters`` dict and
 from the older top-level ``rope_theta`` / ``rope_scaling`` keys. Keys a
@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jaxrlhf.models.lora import LoraSpec
+from jaxrlhf.models.moe_config import MOE_TYPES, check_moe, moe_to_hf, moe_window, parse_moe
 from jaxrlhf.ops.attention import IMPLEMENTATIONS
 from jaxrlhf.ops.quantize import QTYPES
 
@@ -60,8 +61,6 @@ ATTENTION_IMPLS = IMPLEMENTATIONS  # jaxrlhf.ops.attention
 ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
-MOE_TYPES = ("qwen3_moe", "mixtral")
-MOE_IMPLS = ("ragged", "planned")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +135,7 @@ class ModelConfig:
         if SLIDING_ATTENTION in self.layer_types and not self.sliding_window:
             raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
         _check_choice("weight_qtype", self.weight_qtype, ("none", *QTYPES))
-        _check_moe(self)
+        check_moe(self)
         _check_expressible(self)
 
     @property
@@ -191,26 +190,6 @@ def _check_expressible(config: ModelConfig) -> None:
         problems.append("sliding attention (not in llama)")
     if problems:
         raise ValueError(f"model_type {config.model_type!r} cannot have: {'; '.join(problems)}")
-
-
-def _check_moe(config: ModelConfig) -> None:
-    _check_choice("moe_impl", config.moe_impl, MOE_IMPLS)
-    if not config.is_moe:
-        return
-    if not 0 < config.num_experts_per_tok <= config.num_experts:
-        raise ValueError(
-            f"num_experts_per_tok={config.num_experts_per_tok} must be in 1..num_experts={config.num_experts}"
-        )
-    if config.moe_intermediate_size <= 0:
-        raise ValueError(f"moe_intermediate_size={config.moe_intermediate_size} must be > 0 with num_experts > 0")
-    if config.weight_qtype != "none":
-        raise ValueError(f"model.lora.weight_qtype {config.weight_qtype}: the experts of a MoE model are not quantized")
-    adapted = sorted({"gate_proj", "up_proj", "down_proj"} & set(config.lora.targets if config.lora else ()))
-    if adapted:
-        raise ValueError(
-            f"model.lora.target_modules {', '.join(adapted)}: the experts of a MoE model have no LoRA adapters; "
-            "target q_proj, k_proj, v_proj, o_proj"
-        )
 
 
 def _check_choice(name: str, value, known: tuple) -> None:
@@ -268,62 +247,6 @@ def _parse_layer_types(model_type: str, hf: Mapping[str, Any], num_layers: int) 
     return None, ()
 
 
-def _parse_moe(model_type: str, hf: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-    """The ModelConfig fields of a MoE config.json (none for a dense one), with the transformers defaults.
-
-    The expert count is ``num_experts`` on the Hub's Qwen3-MoE configs and
-    ``num_local_experts`` as transformers 5 writes both. Layers are stacked with
-    one structure, so every layer must be a MoE layer: ``decoder_sparse_step`` 1
-    and no ``mlp_only_layers`` (true of every released Qwen3-MoE).
-    """
-    if model_type not in MOE_TYPES:
-        return {}
-    experts = hf.get("num_local_experts", hf.get("num_experts", 128 if model_type == "qwen3_moe" else 8))
-    dense = sorted(set(hf.get("mlp_only_layers") or ()))
-    step = hf.get("decoder_sparse_step", 1)
-    if dense or step != 1:
-        raise ValueError(
-            f"{model_type} with dense layers (decoder_sparse_step={step}, mlp_only_layers={dense}) is not supported: "
-            f"every one of the {num_layers} layers must be a MoE layer"
-        )
-    width = hf.get("moe_intermediate_size", 768) if model_type == "qwen3_moe" else hf["intermediate_size"]
-    return dict(
-        num_experts=experts,
-        num_experts_per_tok=hf.get("num_experts_per_tok", 8 if model_type == "qwen3_moe" else 2),
-        moe_intermediate_size=width,
-        norm_topk_prob=model_type == "mixtral" or bool(hf.get("norm_topk_prob", False)),
-        router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
-    )
-
-
-def _moe_sliding_window(model_type: str, hf: Mapping[str, Any], num_layers: int) -> tuple[int | None, tuple[str, ...]]:
-    """Mixtral slides on every layer when ``sliding_window`` is set; Qwen3-MoE when ``use_sliding_window`` is."""
-    window = hf.get("sliding_window")
-    if model_type == "qwen3_moe" and not hf.get("use_sliding_window", False):
-        window = None
-    return (window, (SLIDING_ATTENTION,) * num_layers) if window else (None, ())
-
-
-def _moe_to_hf(config: ModelConfig) -> dict[str, Any]:
-    hf: dict[str, Any] = {
-        "num_local_experts": config.num_experts,
-        "num_experts_per_tok": config.num_experts_per_tok,
-        "router_aux_loss_coef": config.router_aux_loss_coef,
-        "sliding_window": config.sliding_window,
-    }
-    if config.model_type == "qwen3_moe":
-        hf.update(
-            num_experts=config.num_experts,  # the Hub's spelling, for tools that read it
-            moe_intermediate_size=config.moe_intermediate_size,
-            norm_topk_prob=config.norm_topk_prob,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
-            attention_bias=config.o_bias,
-            use_sliding_window=config.sliding_window is not None,
-        )
-    return hf
-
-
 def config_from_hf(hf: Mapping[str, Any], **runtime: Any) -> ModelConfig:
     """Parse a config.json dict; ``runtime`` sets the how-to-run fields (dtype, param_dtype, remat, ...)."""
     model_type = hf.get("model_type")
@@ -337,7 +260,8 @@ def config_from_hf(hf: Mapping[str, Any], **runtime: Any) -> ModelConfig:
     attention_bias = bool(hf.get("attention_bias", False))
     sliding_window, layer_types = _parse_layer_types(model_type, hf, num_layers)
     if model_type in MOE_TYPES:
-        sliding_window, layer_types = _moe_sliding_window(model_type, hf, num_layers)
+        window = moe_window(model_type, hf)
+        sliding_window, layer_types = (window, (SLIDING_ATTENTION,) * num_layers) if window else (None, ())
     eos = hf.get("eos_token_id", 2 if model_type in ("llama", "mistral", "mixtral") else None)
     return ModelConfig(
         model_type=model_type,
@@ -364,7 +288,7 @@ def config_from_hf(hf: Mapping[str, Any], **runtime: Any) -> ModelConfig:
         bos_token_id=hf.get("bos_token_id", 1 if model_type in ("llama", "mistral", "mixtral") else None),
         eos_token_id=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
         pad_token_id=hf.get("pad_token_id"),
-        **_parse_moe(model_type, hf, num_layers),
+        **parse_moe(model_type, hf, num_layers),
         **runtime,
     )
 
@@ -426,5 +350,5 @@ def config_to_hf(config: ModelConfig, *, dtype: str) -> dict[str, Any]:
             layer_types=list(types),
         )
     if config.is_moe:
-        hf.update(_moe_to_hf(config))
+        hf.update(moe_to_hf(config))
     return hf

@@ -45,6 +45,7 @@ from jax.sharding import Mesh, NamedSharding
 from safetensors.numpy import save_file
 
 from jaxrlhf.models.config import ModelConfig, config_from_hf, config_to_hf
+from jaxrlhf.models import moe_io
 from jaxrlhf.models.decoder import Decoder
 from jaxrlhf.models.safetensors_folder import INDEX_FILE, SINGLE_FILE, SafetensorsFolder
 from jaxrlhf.parallel.rules import DEFAULT_RULES, Rules, annotate_out_sharding, partition_specs
@@ -144,37 +145,6 @@ HF_NAME_MAPS["qwen3_moe"] = _moe_table("mlp", "gate", ("gate_proj", "up_proj", "
 HF_NAME_MAPS["mixtral"] = _moe_table("block_sparse_moe", "gate", ("w1", "w3", "w2"))
 
 
-def _expert_hf_names(entry: TensorMap, variable: nnx.Variable) -> list[tuple[str, tuple[int, ...]]]:
-    layers, experts, *shape = variable.shape
-    hf_shape = entry.hf_shape(shape)
-    return [(entry.hf.format(i=i, e=e), hf_shape) for i in range(layers) for e in range(experts)]
-
-
-def _expert_block(entry: TensorMap, shape, index, dtype, checkpoint) -> np.ndarray:
-    """Block ``index`` of a ``[layers, E, ...]`` parameter, read expert by expert."""
-    block = np.empty([len(range(size)[s]) for size, s in zip(shape, index)], dtype)
-    for j, i in enumerate(range(shape[0])[index[0]]):
-        for k, e in enumerate(range(shape[1])[index[1]]):
-            block[j, k] = entry.to_ours(checkpoint.tensor(entry.hf.format(i=i, e=e)), shape[2:])[index[2:]]
-    return block
-
-
-@functools.partial(jax.jit, static_argnums=3)
-def _expert_slice(stacked: jax.Array, layer: jax.Array, expert: jax.Array, dtype: np.dtype) -> jax.Array:
-    one = jax.lax.dynamic_index_in_dim(stacked, layer, keepdims=False)
-    return jax.lax.dynamic_index_in_dim(one, expert, keepdims=False).astype(dtype)
-
-
-def _expert_tensors(entry: TensorMap, v: nnx.Variable, i: int, dtype: np.dtype):
-    """(name, shape, fetch) of layer ``i``'s experts of one fused parameter."""
-    for e in range(v.shape[1]):
-        yield (
-            entry.hf.format(i=i, e=e),
-            entry.hf_shape(v.shape[2:]),
-            lambda e=e: entry.to_hf(to_host(_expert_slice(v[...], jnp.int32(i), jnp.int32(e), dtype))),
-        )
-
-
 # Tensors some checkpoints carry that are derived, not learned: safe to skip.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -192,7 +162,7 @@ def _entries(config: ModelConfig, state: nnx.State) -> list[tuple[TensorMap, nnx
 def _hf_names(entry: TensorMap, variable: nnx.Variable) -> list[tuple[str, tuple[int, ...]]]:
     """(HF name, HF shape) of every tensor behind one of our parameters (one per layer if stacked)."""
     if entry.experts:
-        return _expert_hf_names(entry, variable)
+        return moe_io.expert_hf_names(entry, variable)
     if entry.stacked:
         shape = entry.hf_shape(variable.shape[1:])
         return [(entry.hf.format(i=i), shape) for i in range(variable.shape[0])]
@@ -242,7 +212,7 @@ def _reader(entry: TensorMap, shape: tuple[int, ...], dtype: np.dtype, checkpoin
         key = _index_key(index)
         if key not in cache:
             if entry.experts:
-                cache[key] = _expert_block(entry, shape, index, dtype, checkpoint)
+                cache[key] = moe_io.expert_block(entry, shape, index, dtype, checkpoint)
             elif entry.stacked:
                 layers = range(shape[0])[index[0]]
                 block_shape = [len(range(size)[s]) for size, s in zip(shape, index)]
@@ -331,7 +301,7 @@ def _hf_tensors(entries, dtype: np.dtype) -> Iterator[tuple[str, tuple[int, ...]
     for i in range(stacked[0][1].shape[0]):
         for entry, v in stacked:
             if entry.experts:
-                yield from _expert_tensors(entry, v, i, dtype)
+                yield from moe_io.expert_tensors(entry, v, i, dtype, to_host)
                 continue
             yield (
                 entry.hf.format(i=i),
