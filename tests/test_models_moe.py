@@ -21,7 +21,7 @@ from jaxrlhf.models import config_from_hf, load_hf, make_logprob_fn, save_hf, to
 from jaxrlhf.models.generate import generate
 from jaxrlhf.ops import moe as moe_ops
 from jaxrlhf.parallel import MeshConfig, make_mesh, partition_specs
-from jaxrlhf.train import steps
+from jaxrlhf.train import kto_steps, steps
 from jaxrlhf.train.router_loss import RouterLoss
 
 
@@ -148,7 +148,7 @@ def _assert_layer_gradients(grads, expected):
 
 def test_aux_loss_is_averaged_over_micro_batches_and_dpo_takes_the_policys(zoo):
     """Two micro-batches (rows 0, 2 and 1, 3): the logged aux loss is the mean of transformers' aux_loss of
-    each; in DPO it is the policy's on both sides of its pairs (the reference adds none)."""
+    each; in DPO it is the policy's on both sides of its pairs (the reference adds none), in KTO on its examples."""
     model, config = load_hf(zoo.folder("qwen3_moe"), dtype=jnp.float32)
     graphdef, params = nnx.split(model)
     logprob_fn = make_logprob_fn(graphdef, chunk_size=4, packed=False)
@@ -166,6 +166,14 @@ def test_aux_loss_is_averaged_over_micro_batches_and_dpo_takes_the_policys(zoo):
                                                           aux_loss=one))(params, pairs)  # fmt: skip
     np.testing.assert_allclose(float(one.step_metrics(sums)["moe/aux_loss"]),
                                _hf_forward(zoo, "qwen3_moe", batch).aux_loss.item(), rtol=1e-5)  # fmt: skip
+    # KTO: the policy's on the examples (row 0 of each [2, T] example-row), not on the KL rows.
+    kto = {**pairs, "label": np.array([1, 0], np.int32)}
+    kto_spec = kto_steps.KtoLossSpec()
+    _, _, sums, _ = jax.jit(lambda p, b: kto_steps.kto_gradients(p, b, logprob_fn=logprob_fn, spec=kto_spec,
+                                                                 ref_params=p, aux_loss=one))(params, kto)  # fmt: skip
+    examples = {k: v[0::2] for k, v in batch.items()}
+    np.testing.assert_allclose(float(one.step_metrics(sums)["moe/aux_loss"]),
+                               _hf_forward(zoo, "qwen3_moe", examples).aux_loss.item(), rtol=1e-5)  # fmt: skip
 
 
 def test_grouped_matmul_equals_a_dense_one_hot_layer_and_shards_add_up():
@@ -265,3 +273,20 @@ def test_config_reads_both_expert_count_keys_and_refuses_dense_layers():
     for dense in ({"decoder_sparse_step": 2}, {"mlp_only_layers": [0]}):
         with pytest.raises(ValueError, match="every one of the 4 layers must be a MoE layer"):
             config_from_hf({**base, "num_experts": 6, **dense})
+
+
+def test_dry_run_splits_every_expert_tensor_by_expert_and_plans_the_grouped_matmuls(zoo, tmp_path):
+    """The SFT and DPO steps of a MoE model (router losses included) plan on fsdp 8: every expert tensor split on
+    its expert axis (one of 8 experts per device), the grouped matmuls planned with the stand-in."""
+    from train_fixtures import dpo_config, sft_config
+
+    from jaxrlhf.data import asset_path
+    from jaxrlhf.train.dry_run import plan
+
+    folder = str(zoo.folder("qwen3_moe"))
+    for task, make in (("sft", sft_config), ("dpo", dpo_config)):
+        config = make(tmp_path / task, folder, dry_run=True)
+        config.data.tokenizer = str(asset_path("tokenizer"))
+        experts = plan(config, task)["experts"]
+        assert experts == {"tensors": 3, "axes": ["fsdp"], "per_device": 1, "num_experts": 8, "unsplit": [],
+                           "grouped_matmul": "planned"}, (task, experts)  # fmt: skip

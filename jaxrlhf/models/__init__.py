@@ -99,7 +99,7 @@ def make_logprob_fn(graphdef: nnx.GraphDef, *, chunk_size: int | None = None, pa
         model = nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)
         hidden, stats = model.forward(
             tokens, positions=positions, segment_ids=segment_ids if packed else None, rng=rng,
-            token_mask=segment_ids > 0,
+            token_mask=None if segment_ids is None else segment_ids > 0,
         )  # fmt: skip
         chunk = chunk_size or default_chunk_size(tokens.shape[0], model.config.vocab_size)
         token_lp = chunked_token_logprobs(

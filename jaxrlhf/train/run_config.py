@@ -53,7 +53,7 @@ class ModelArgs:
     path: str = ""
     """Local Hugging Face model folder (config.json + safetensors)."""
     preset: str = ""
-    """Instead of a folder: a preset shape with random weights (tiny, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, llama3-8b)."""
+    """Instead of a folder: a preset shape, random weights (tiny, qwen2.5-*, llama3-8b, qwen3-30b-a3b, mixtral-8x7b)."""
     dtype: str = "bfloat16"
     """Compute dtype of activations and matmuls."""
     param_dtype: str = "float32"
