@@ -276,17 +276,15 @@ def test_config_reads_both_expert_count_keys_and_refuses_dense_layers():
 
 
 def test_dry_run_splits_every_expert_tensor_by_expert_and_plans_the_grouped_matmuls(zoo, tmp_path):
-    """The SFT and DPO steps of a MoE model (router losses included) plan on fsdp 8: every expert tensor split on
-    its expert axis (one of 8 experts per device), the grouped matmuls planned with the stand-in."""
-    from train_fixtures import dpo_config, sft_config
+    """The SFT step of a MoE model (router losses included) plans on fsdp 8: every expert tensor split on its
+    expert axis (one of 8 experts per device), the grouped matmuls planned with the stand-in."""
+    from train_fixtures import sft_config
 
     from jaxrlhf.data import asset_path
     from jaxrlhf.train.dry_run import plan
 
-    folder = str(zoo.folder("qwen3_moe"))
-    for task, make in (("sft", sft_config), ("dpo", dpo_config)):
-        config = make(tmp_path / task, folder, dry_run=True)
-        config.data.tokenizer = str(asset_path("tokenizer"))
-        experts = plan(config, task)["experts"]
-        assert experts == {"tensors": 3, "axes": ["fsdp"], "per_device": 1, "num_experts": 8, "unsplit": [],
-                           "grouped_matmul": "planned"}, (task, experts)  # fmt: skip
+    config = sft_config(tmp_path / "run", str(zoo.folder("qwen3_moe")), dry_run=True)
+    config.data.tokenizer, config.data.eval_fraction = str(asset_path("tokenizer")), 0.0
+    experts = plan(config, "sft")["experts"]
+    assert experts == {"tensors": 3, "axes": ["fsdp"], "per_device": 1, "num_experts": 8, "unsplit": [],
+                       "grouped_matmul": "planned"}, experts  # fmt: skip
