@@ -50,6 +50,13 @@ ROWS = [
      ["--model.preset", "gemma3-1b"]),
     ("Gemma-3-4B SFT 4096, 8 x H100", "sft", "configs/qwen2.5-0.5b_sft_gpu.yaml", 8, "h100",
      ["--model.preset", "gemma3-4b"]),
+    # Mixture of experts (issue 20)
+    ("Qwen3-30B-A3B SFT 4096, 8 x H100", "sft", "configs/qwen3-30b-a3b_sft_gpu.yaml", 8, "h100",
+     ["--model.preset", "qwen3-30b-a3b"]),
+    ("Qwen3-30B-A3B SFT 8192, v5p-32 (16 chips)", "sft", "configs/qwen3-30b-a3b_sft_tpu_v5p.yaml", 16, "tpu-v5p",
+     ["--model.preset", "qwen3-30b-a3b"]),
+    ("Mixtral-8x7B SFT 8192, v5p-64 (32 chips)", "sft", "configs/mixtral-8x7b_sft_tpu_v5p.yaml", 32, "tpu-v5p",
+     ["--model.preset", "mixtral-8x7b"]),
 ]  # fmt: skip
 
 _CHILD = """

@@ -69,10 +69,19 @@ def hf_config(name: str):
             **{**_TINY_HF, "num_hidden_layers": 7}, head_dim=16, query_pre_attn_scalar=20, sliding_window=4,
             layer_types=layer_types, rope_parameters=rope,
         )  # fmt: skip
+    if name == "qwen3_moe":  # 8 experts, top-2 without renormalisation, q/k norms
+        return transformers.Qwen3MoeConfig(
+            **_TINY_HF, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False
+        )
+    if name == "mixtral":  # 8 experts, top-2 renormalised, sliding window on every layer
+        return transformers.MixtralConfig(
+            **{**_TINY_HF, "intermediate_size": 32}, num_local_experts=8, num_experts_per_tok=2, sliding_window=5
+        )
     raise KeyError(name)
 
 
 HF_VARIANTS = ("llama2", "llama3", "qwen2", "qwen3", "mistral", "gemma2", "gemma3")
+MOE_VARIANTS = ("qwen3_moe", "mixtral")
 
 
 class HFZoo:

@@ -29,7 +29,7 @@ from train_fixtures import sft_config
 ROOT = pathlib.Path(__file__).parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 PRESET_OF = {"qwen2.5-0.5b": "qwen2.5-0.5b", "qwen2.5-1.5b": "qwen2.5-1.5b", "llama3-8b": "llama3-8b", "demo": "tiny",
-             "gemma2-9b": "gemma2-9b"}
+             "gemma2-9b": "gemma2-9b", "qwen3-30b-a3b": "qwen3-30b-a3b", "mixtral-8x7b": "mixtral-8x7b"}
 
 
 _DRIVER = """

@@ -1,4 +1,5 @@
-"""Flax NNX decoders (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3) and Hugging Face checkpoints in and out.
+"""Flax NNX decoders (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3; Qwen3-MoE and Mixtral) and Hugging Face checkpoints
+in and out.
 
     from jaxrlhf.models import load_hf, save_hf, token_logprobs
     model, config = load_hf("path/to/hf_folder", dtype=jnp.bfloat16, mesh=mesh)
@@ -88,17 +89,24 @@ def make_logprob_fn(graphdef: nnx.GraphDef, *, chunk_size: int | None = None, pa
     """``(params, tokens, positions, segment_ids, rng=None) -> token_lp`` for ``graphdef, params = nnx.split(model)``
     (a tuple of states for a model split in parts: a LoRA model's ``(adapters, frozen)``; ``rng``: LoRA dropout).
 
+    ``router_stats=True`` (MoE models, the training forward) returns ``(token_lp, stats)``: the router
+    statistics summed over the layers (``ops.moe.ROUTER_STATS``, the tokens with ``segment_ids > 0``), which
+    ``ops.moe.router_losses`` turns into the load-balancing and z losses.
+
     ``packed=False`` promises rows of one right-padded example each: causal attention
     alone then keeps every real token off the padding after it, so the decoder runs
     without a segment mask (the mask-free, cuDNN-friendly path). ``segment_ids``
     still zero the log-probs of padding either way.
     """
 
-    def logprob_fn(params, tokens, positions, segment_ids, rng=None):
+    def logprob_fn(params, tokens, positions, segment_ids, rng=None, router_stats=False):
         model = nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)
-        hidden = model(tokens, positions=positions, segment_ids=segment_ids if packed else None, rng=rng)
+        hidden, stats = model.forward(
+            tokens, positions=positions, segment_ids=segment_ids if packed else None, rng=rng,
+            token_mask=None if segment_ids is None else segment_ids > 0,
+        )  # fmt: skip
         chunk = chunk_size or default_chunk_size(tokens.shape[0], model.config.vocab_size)
-        return chunked_token_logprobs(
+        token_lp = chunked_token_logprobs(
             hidden,
             model.lm_head_matrix(),
             tokens,
@@ -107,5 +115,10 @@ def make_logprob_fn(graphdef: nnx.GraphDef, *, chunk_size: int | None = None, pa
             batch_axes=_BATCH_AXES,
             soft_cap=model.config.final_logit_softcapping,
         )
+        if not router_stats:
+            return token_lp
+        if stats is None:
+            raise ValueError("router_stats=True asks a dense model (no experts) for router statistics")
+        return token_lp, stats
 
     return logprob_fn

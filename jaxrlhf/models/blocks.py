@@ -18,6 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxrlhf.models import attention, lora
 from jaxrlhf.models.attention import AttentionCall
 from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.moe import MoE
 from jaxrlhf.models.rope import apply_rope
 
 __all__ = ["Attention", "Block", "MLP", "RMSNorm", "SAVED_NAMES", "normal_initializer", "param"]
@@ -202,16 +203,24 @@ class Block(nnx.Module):
         self.attn = Attention(config, stack=stack, rngs=rngs)
         self.post_attn_norm = norm() if config.gemma_layout else None
         self.mlp_norm = norm()
-        self.mlp = MLP(config, stack=stack, rngs=rngs)
+        self.mlp = MoE(config, _ACTIVATIONS[config.hidden_act], stack=stack, rngs=rngs) if config.is_moe else MLP(
+            config, stack=stack, rngs=rngs
+        )
         self.post_mlp_norm = norm() if config.gemma_layout else None
 
-    def __call__(self, x, cos, sin, call: AttentionCall, kv_cache=None, cache_index=None, rng=None):
-        """``(output, kv_cache)``; the arguments as ``Attention``'s (``rng``: this layer's LoRA dropout key)."""
+    def __call__(self, x, cos, sin, call: AttentionCall, kv_cache=None, cache_index=None, rng=None, token_mask=None):
+        """``(output, kv_cache, router_stats)``; the arguments as ``Attention``'s (``rng``: this layer's LoRA
+        dropout key); a MoE layer's router statistics count the tokens ``token_mask`` marks (dense: None)."""
         attended, kv_cache = self.attn(self.attn_norm(x), cos, sin, call, kv_cache, cache_index, rng)
         if self.post_attn_norm is not None:
             attended = self.post_attn_norm(attended)
         x = x + checkpoint_name(attended, "attention_out")
-        out = self.mlp(checkpoint_name(self.mlp_norm(x), "mlp_in"), rng)
+        mlp_in = checkpoint_name(self.mlp_norm(x), "mlp_in")
+        stats = None
+        if isinstance(self.mlp, MoE):
+            out, stats = self.mlp(mlp_in, token_mask)
+        else:
+            out = self.mlp(mlp_in, rng)
         if self.post_mlp_norm is not None:
             out = self.post_mlp_norm(out)
-        return x + out, kv_cache
+        return x + out, kv_cache, stats

@@ -16,7 +16,12 @@ Supported ``model_type``s and what sets them apart (everything else is shared):
 - ``gemma3_text`` (Gemma 3's language model): Gemma 2's layer plus q/k RMSNorm,
   five sliding layers to one global, and a RoPE of its own for the sliding layers
   (``local_rope``; the global layers carry the scaling). A multimodal ``gemma3``
-  config.json is read through its ``text_config``.
+  config.json is read through its ``text_config``;
+- ``qwen3_moe`` (Qwen3-MoE) and ``mixtral``: mixture-of-experts MLPs
+  (``models.moe``): ``num_experts`` gated experts of width ``moe_intermediate_size``
+  with top-``num_experts_per_tok`` softmax routing, renormalised when
+  ``norm_topk_prob`` (Mixtral always); qwen3_moe attention is qwen3's, mixtral's
+  mistral's. Every layer must be a MoE layer (``models.moe_config``).
 
 The fields after ``eos_token_id`` are not architecture: they choose how the
 model runs (dtypes, rematerialisation, layer scan, attention kernel, LoRA
@@ -28,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxrlhf.models.lora import LoraSpec
+from jaxrlhf.models.moe_config import MOE_TYPES, check_moe
 from jaxrlhf.ops.attention import IMPLEMENTATIONS
 from jaxrlhf.ops.quantize import QTYPES
 
@@ -47,6 +53,8 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
 }
 GEMMA = ("gemma2", "gemma3_text")
 # Named after what each saves inside a layer (see models.decoder).
@@ -96,6 +104,13 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # attention scale is its inverse square root (None: head_dim)
     attn_logit_softcapping: float | None = None  # attention scores -> cap * tanh(scores / cap)
     final_logit_softcapping: float | None = None  # LM-head logits -> cap * tanh(logits / cap)
+    # Mixture of experts (qwen3_moe, mixtral; models.moe): num_experts 0 = a dense MLP in every layer.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # top-k
+    moe_intermediate_size: int = 0  # each expert's MLP width
+    norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1 (mixtral: always)
+    router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss in training (config.json's)
+    moe_impl: str = "ragged"  # how to run, not config.json: ragged (grouped matmul) | planned (dry-run stand-in)
     initializer_range: float = 0.02
     checkpoint_dtype: str | None = None  # the weights' dtype in the HF checkpoint ("bfloat16", ...)
     bos_token_id: int | None = None
@@ -126,7 +141,13 @@ class ModelConfig:
         if SLIDING_ATTENTION in self.layer_types and not self.sliding_window:
             raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
         check_choice("weight_qtype", self.weight_qtype, ("none", *QTYPES))
+        check_moe(self)
         _check_expressible(self)
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the layers' MLPs are mixtures of experts (``models.moe``)."""
+        return self.num_experts > 0
 
     @property
     def gemma_layout(self) -> bool:
@@ -169,14 +190,22 @@ def _check_expressible(config: ModelConfig) -> None:
         "mistral": not (config.qkv_bias or config.o_bias),
         "gemma2": not (config.qkv_bias or config.o_bias),
         "gemma3_text": not (config.qkv_bias or config.o_bias),
+        "qwen3_moe": config.qkv_bias == config.o_bias,
+        "mixtral": not (config.qkv_bias or config.o_bias),
     }[config.model_type]
     problems = []
     if not bias:
         problems.append(f"qkv_bias={config.qkv_bias}, o_bias={config.o_bias}")
     if config.mlp_bias and config.model_type != "llama":
         problems.append("mlp_bias (llama only)")
-    if config.qk_norm != (config.model_type in ("qwen3", "gemma3_text")):
-        problems.append(f"qk_norm={config.qk_norm} (qwen3 and gemma3_text always, others never)")
+    if config.qk_norm != (config.model_type in ("qwen3", "qwen3_moe", "gemma3_text")):
+        problems.append(f"qk_norm={config.qk_norm} (qwen3, qwen3_moe and gemma3_text always, others never)")
+    if config.is_moe != (config.model_type in MOE_TYPES):
+        problems.append(f"num_experts={config.num_experts} (qwen3_moe and mixtral have experts, others not)")
+    if config.model_type == "mixtral" and config.is_moe and not config.norm_topk_prob:
+        problems.append("norm_topk_prob=False (mixtral always renormalises its top-k weights)")
+    if config.model_type in MOE_TYPES and config.layer_types not in ((), (SLIDING_ATTENTION,) * config.num_layers):
+        problems.append("mixed layer_types (qwen3_moe and mixtral slide on every layer or none)")
     gemma_only = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
     if not config.gemma_layout and any(getattr(config, name) is not None for name in gemma_only):
         problems.append(f"{', '.join(gemma_only)} (gemma only)")

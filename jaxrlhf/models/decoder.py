@@ -128,6 +128,22 @@ class Decoder(nnx.Module):
     ) -> jax.Array:
         """Final hidden states ``[B, T, D]`` (after the last norm) in ``config.dtype``; ``rng`` switches LoRA
         dropout on (training forwards only)."""
+        return self.forward(tokens, positions=positions, segment_ids=segment_ids, rng=rng)[0]
+
+    def forward(
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        rng: jax.Array | None = None,
+        token_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict | None]:
+        """``(hidden, router_stats)``: ``__call__``'s hidden states and, for a MoE model, the router
+        statistics summed over its layers (``ops.moe.ROUTER_STATS``; None for a dense model) of the tokens
+        ``token_mask`` ``[B, T]`` marks (default: ``segment_ids > 0``, else every token)."""
+        if token_mask is None and segment_ids is not None:
+            token_mask = segment_ids > 0
         if positions is None:
             positions = segment_positions(jnp.ones_like(tokens) if segment_ids is None else segment_ids)
         impl = attention.resolve(self.config.attention_impl, packed=segment_ids is not None)
@@ -136,8 +152,11 @@ class Decoder(nnx.Module):
         # dense layer uses is never computed).
         mask = None if segment_ids is None else attention.segment_mask(segment_ids)
         base = AttentionCall(impl, mask=mask, segment_ids=segment_ids)
-        x, _ = self._layers(self._embed(tokens), self._ropes(positions), base, index, index, rng=rng)
-        return constrain(self.final_norm(x), _ACTIVATION_AXES)
+        x, _, stats = self._layers(
+            self._embed(tokens), self._ropes(positions), base, index, index, rng=rng, token_mask=token_mask
+        )
+        router_stats = jax.tree.map(lambda s: s.sum(0), stats) if self.config.is_moe else None
+        return constrain(self.final_norm(x), _ACTIVATION_AXES), router_stats
 
     def extend(
         self, tokens: jax.Array, cache: KVCache, *, positions: jax.Array, segment_ids: jax.Array | None = None
@@ -161,7 +180,7 @@ class Decoder(nnx.Module):
         query_index = start + jnp.arange(tokens.shape[1])
         key_index = jnp.arange(cache.segment_ids.shape[1])
         visible = (segment_ids[:, :, None] == slot_segments[:, None, :]) & (key_index <= query_index[:, None])
-        x, (keys, values) = self._layers(
+        x, (keys, values), _ = self._layers(
             self._embed(tokens),
             self._ropes(positions),
             AttentionCall("xla", mask=visible[:, None]),
@@ -190,8 +209,12 @@ class Decoder(nnx.Module):
         rules = _SEQUENCE_PARALLEL_RULES if self.config.sequence_parallel else DEFAULT_RULES
         return constrain(x, _ACTIVATION_AXES, rules)
 
-    def _layers(self, x, ropes, base: AttentionCall, query_index, key_index, kv_cache=None, cache_index=None, *, rng=None):
-        """All layers, scanned or unrolled, with remat: ``(x, kv_cache)``, each cache ``[layers, ...]``.
+    def _layers(
+        self, x, ropes, base: AttentionCall, query_index, key_index, kv_cache=None, cache_index=None, *, rng=None,
+        token_mask=None,
+    ):  # fmt: skip
+        """All layers, scanned or unrolled, with remat: ``(x, kv_cache, router_stats)``, each cache and MoE
+        router statistic ``[layers, ...]`` (a scanned output; dense: None).
 
         ``base`` holds the kernel, the dense mask and the segment ids. With a
         dense kernel every layer runs in one scan, its window (a mask over
@@ -229,13 +252,14 @@ class Decoder(nnx.Module):
                         )
                         call = AttentionCall(kind.impl, mask=mask)
                     cos, sin = ropes[kind.local_rope]
-                y, layer_cache = nnx.merge(graphdef, state)(x, cos, sin, call, layer_cache, cache_index, layer_rng)
-                return self._between_layers(y), layer_cache
+                block = nnx.merge(graphdef, state)
+                y, layer_cache, stats = block(x, cos, sin, call, layer_cache, cache_index, layer_rng, token_mask)
+                return self._between_layers(y), (layer_cache, stats)
 
             return layer if config.remat == "none" else remat(layer, policy=_REMAT_POLICIES[config.remat])
 
-        def stack(caches):
-            return None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches)
+        def stack(outputs):  # per-layer (cache, router stats) -> [layers, ...] (None stays None)
+            return jax.tree.map(lambda *a: jnp.stack(a), *outputs)
 
         if all(kind.impl in attention.DENSE for kind in kinds):
             windows = [kind.window for kind in kinds]
@@ -246,43 +270,42 @@ class Decoder(nnx.Module):
             layer = make_layer(None)
             xs = (stacked, kv_cache, rngs, window_array, local_array)
             if config.scan_layers:
-                return jax.lax.scan(layer, x, xs)
-            caches = []
+                x, (caches, stats) = jax.lax.scan(layer, x, xs)
+                return x, caches, stats
+            outputs = []
             for i in range(config.num_layers):
-                x, layer_cache = layer(x, jax.tree.map(lambda a: a[i], xs))
-                caches.append(layer_cache)
-            return x, stack(caches)
+                x, out = layer(x, jax.tree.map(lambda a: a[i], xs))
+                outputs.append(out)
+            return x, *stack(outputs)
         per_layer = (stacked, kv_cache, rngs)
         if not config.scan_layers:
-            caches = []
+            outputs = []
             for i, kind in enumerate(kinds):
-                x, layer_cache = make_layer(kind)(x, jax.tree.map(lambda a: a[i], per_layer))
-                caches.append(layer_cache)
-            return x, stack(caches)
-        caches = []
+                x, out = make_layer(kind)(x, jax.tree.map(lambda a: a[i], per_layer))
+                outputs.append(out)
+            return x, *stack(outputs)
+        groups = []
         for group in attention.layer_groups(kinds):
             period, stop = len(group.kinds), group.start + group.repeats * len(group.kinds)
             xs = per_layer if (group.start, stop) == (0, config.num_layers) else jax.tree.map(
                 lambda a: a[group.start : stop], per_layer
             )
             if period == 1:  # one layer per step: scan the stacks as they are
-                x, group_cache = jax.lax.scan(make_layer(group.kinds[0]), x, xs)
+                x, group_out = jax.lax.scan(make_layer(group.kinds[0]), x, xs)
             else:
                 xs = jax.tree.map(lambda a: a.reshape(group.repeats, period, *a.shape[1:]), xs)
 
                 def step(x, xs, kinds=group.kinds):
-                    out = []
+                    outputs = []
                     for j, kind in enumerate(kinds):
-                        x, layer_cache = make_layer(kind, j)(x, xs)
-                        out.append(layer_cache)
-                    return x, stack(out)
+                        x, out = make_layer(kind, j)(x, xs)
+                        outputs.append(out)
+                    return x, stack(outputs)
 
-                x, group_cache = jax.lax.scan(step, x, xs)
-                group_cache = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), group_cache)
-            caches.append(group_cache)
-        if kv_cache is None or len(caches) == 1:
-            return x, caches[0]
-        return x, jax.tree.map(lambda *a: jnp.concatenate(a), *caches)
+                x, group_out = jax.lax.scan(step, x, xs)
+                group_out = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), group_out)
+            groups.append(group_out)
+        return x, *(groups[0] if len(groups) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *groups))
 
 
 def init_model(

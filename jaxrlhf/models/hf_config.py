@@ -22,6 +22,7 @@ from jaxrlhf.models.config import (
     RopeConfig,
     check_choice,
 )
+from jaxrlhf.models.moe_config import MOE_TYPES, moe_to_hf, moe_window, parse_moe
 
 __all__ = ["config_from_hf", "config_to_hf", "text_config"]
 
@@ -118,11 +119,14 @@ def config_from_hf(hf: Mapping[str, Any], **runtime: Any) -> ModelConfig:
     num_layers = hf["num_hidden_layers"]
     attention_bias = bool(hf.get("attention_bias", False))
     sliding_window, layer_types = _parse_layer_types(model_type, hf, num_layers)
+    if model_type in MOE_TYPES:
+        window = moe_window(model_type, hf)
+        sliding_window, layer_types = (window, (SLIDING_ATTENTION,) * num_layers) if window else (None, ())
     gemma = model_type in GEMMA
     if hf.get("use_bidirectional_attention"):
         raise ValueError("use_bidirectional_attention=true is an encoder, not a causal LM")
     defaults = {"eos_token_id": 1, "bos_token_id": 2, "pad_token_id": 0} if gemma else {}
-    if model_type in ("llama", "mistral"):
+    if model_type in ("llama", "mistral", "mixtral"):
         defaults = {"eos_token_id": 2, "bos_token_id": 1}
     eos = hf.get("eos_token_id", defaults.get("eos_token_id"))
     rope, local_rope = _parse_gemma3_ropes(hf) if model_type == "gemma3_text" else (_parse_rope(hf), None)
@@ -142,10 +146,10 @@ def config_from_hf(hf: Mapping[str, Any], **runtime: Any) -> ModelConfig:
             model_type, 4096
         )),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
-        qkv_bias=model_type == "qwen2" or (model_type in ("llama", "qwen3") and attention_bias),
-        o_bias=model_type in ("llama", "qwen3") and attention_bias,
+        qkv_bias=model_type == "qwen2" or (model_type in ("llama", "qwen3", "qwen3_moe") and attention_bias),
+        o_bias=model_type in ("llama", "qwen3", "qwen3_moe") and attention_bias,
         mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
-        qk_norm=model_type in ("qwen3", "gemma3_text"),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
         hidden_act=hf.get("hidden_activation") or hf.get("hidden_act", "gelu_pytorch_tanh" if gemma else "silu"),
         sliding_window=sliding_window,
         layer_types=layer_types,
@@ -158,6 +162,7 @@ def config_from_hf(hf: Mapping[str, Any], **runtime: Any) -> ModelConfig:
         bos_token_id=hf.get("bos_token_id", defaults.get("bos_token_id")),
         eos_token_id=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
         pad_token_id=hf.get("pad_token_id", defaults.get("pad_token_id")),
+        **parse_moe(model_type, hf, num_layers),
         **runtime,
     )
 
@@ -231,6 +236,8 @@ def config_to_hf(config: ModelConfig, *, dtype: str) -> dict[str, Any]:
         hf["sliding_window"] = config.sliding_window
     if config.gemma_layout:
         hf.update(_gemma_to_hf(config))
+    if config.is_moe:
+        hf.update(moe_to_hf(config))
     if config.model_type in ("qwen2", "qwen3"):
         types = config.layer_types or (FULL_ATTENTION,) * config.num_layers
         hf.update(

@@ -14,7 +14,8 @@ the chat template's end-of-turn token (so generation stops at the end of a
 turn), and the tokenizer. In a multi-process run every process must call it
 (parameters are gathered collectively) and process 0 writes.
 
-The name map, ``HF_NAME_MAPS[model_type]``, lives in ``models.hf_names``.
+The name map, ``HF_NAME_MAPS[model_type]``, lives in ``models.hf_names``; MoE
+experts, fused in memory and saved per expert, are read and written by ``models.moe_io``.
 
 A multimodal Gemma 3 checkpoint (``Gemma3ForConditionalGeneration``) loads as
 its language model: the text tower's tensors under ``model.language_model.``
@@ -43,6 +44,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from safetensors.numpy import save_file
 
+from jaxrlhf.models import moe_io
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.hf_config import config_from_hf, config_to_hf, text_config
 from jaxrlhf.models.hf_names import HF_NAME_MAPS, TensorMap
@@ -79,6 +81,8 @@ def _entries(config: ModelConfig, state: nnx.State, prefix: str = "model.") -> l
 
 def _hf_names(entry: TensorMap, variable: nnx.Variable) -> list[tuple[str, tuple[int, ...]]]:
     """(HF name, HF shape) of every tensor behind one of our parameters (one per layer if stacked)."""
+    if entry.experts:
+        return moe_io.expert_hf_names(entry, variable)
     if entry.stacked:
         shape = entry.hf_shape(variable.shape[1:])
         return [(entry.hf.format(i=i), shape) for i in range(variable.shape[0])]
@@ -138,7 +142,9 @@ def _reader(entry: TensorMap, shape: tuple[int, ...], dtype: np.dtype, checkpoin
     def read(index: tuple[slice, ...]) -> np.ndarray:
         key = _index_key(index)
         if key not in cache:
-            if entry.stacked:
+            if entry.experts:
+                cache[key] = moe_io.expert_block(entry, shape, index, dtype, checkpoint)
+            elif entry.stacked:
                 layers = range(shape[0])[index[0]]
                 block_shape = [len(range(size)[s]) for size, s in zip(shape, index)]
                 block = np.empty(block_shape, dtype)
@@ -233,6 +239,9 @@ def _hf_tensors(entries, dtype: np.dtype) -> Iterator[tuple[str, tuple[int, ...]
             yield entry.hf, entry.hf_shape(v.shape), lambda e=entry, v=v: e.to_hf(to_host(v[...].astype(dtype)))
     for i in range(stacked[0][1].shape[0]):
         for entry, v in stacked:
+            if entry.experts:
+                yield from moe_io.expert_tensors(entry, v, i, dtype, to_host)
+                continue
             yield (
                 entry.hf.format(i=i),
                 entry.hf_shape(v.shape[1:]),

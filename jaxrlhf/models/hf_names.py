@@ -4,6 +4,10 @@ For each of our parameter paths the table lists the HF tensor name (``{i}`` =
 layer index, for the stacked layer parameters) and the layout change. Our
 kernels are ``[in..., out...]`` with heads split out (``q_proj``: ``[D, H, hd]``,
 ``o_proj``: ``[H, hd, D]``); HF linears are ``[out, in]`` with heads flattened.
+MoE experts are fused in memory on an ``expert`` axis (``gate_proj`` ``[E, D, F]``)
+and saved per expert, as transformers saves them (``mlp.experts.{e}.gate_proj.weight``,
+Mixtral's ``block_sparse_moe.experts.{e}.w1.weight``): a ``TensorMap`` with
+``experts`` set names one HF tensor per layer and expert (``{e}``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class TensorMap:
     hf: str
     layout: str = "same"
     in_dims: int = 1
+    experts: bool = False  # ours [layers, E, ...]: one HF tensor per layer and expert ({e} in hf)
 
     @property
     def stacked(self) -> bool:
@@ -96,3 +101,19 @@ HF_NAME_MAPS: dict[str, tuple[TensorMap, ...]] = {
     "gemma2": _GEMMA_FAMILY,
     "gemma3_text": _GEMMA_FAMILY,
 }
+
+
+def _moe_table(block: str, router: str, names: tuple[str, str, str]) -> tuple[TensorMap, ...]:
+    """The Llama-family table with the dense MLP replaced by a router and per-expert (gate, up, down) tensors."""
+    experts = _LAYER + block + ".experts.{e}."
+    return tuple(entry for entry in _LLAMA_FAMILY if entry.ours[:2] != ("layers", "mlp")) + (
+        TensorMap(("layers", "mlp", "router"), _LAYER + f"{block}.{router}.weight", "linear"),
+        *(
+            TensorMap(("layers", "mlp", ours), experts + f"{hf}.weight", "linear", experts=True)
+            for ours, hf in zip(("gate_proj", "up_proj", "down_proj"), names)
+        ),
+    )
+
+
+HF_NAME_MAPS["qwen3_moe"] = _moe_table("mlp", "gate", ("gate_proj", "up_proj", "down_proj"))
+HF_NAME_MAPS["mixtral"] = _moe_table("block_sparse_moe", "gate", ("w1", "w3", "w2"))

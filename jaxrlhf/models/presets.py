@@ -2,8 +2,9 @@
 
 Shapes follow the published Hugging Face configs of the models they are named
 after (Gemma's through ``config_from_hf``, so layer patterns, RoPE and caps are
-what transformers derives from those files); ``tiny`` is a 2-layer Qwen2-style model for CPU demos and tests whose
-vocabulary is the tokenizer's.
+what transformers derives from those files; Qwen3-30B-A3B and Mixtral-8x7B are
+mixtures of experts); ``tiny`` is a 2-layer Qwen2-style model for CPU demos and
+tests whose vocabulary is the tokenizer's.
 """
 
 from __future__ import annotations
@@ -61,6 +62,19 @@ PRESETS: dict[str, ModelConfig] = {
     "gemma3-4b": _gemma(
         "gemma3_text", vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
         num_attention_heads=8, sliding_window=1024, rope_scaling={"rope_type": "linear", "factor": 8.0},
+    ),
+    # Mixture of experts (models.moe): every layer's MLP is routed experts.
+    "qwen3-30b-a3b": ModelConfig(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=48,
+        num_heads=32, num_kv_heads=4, head_dim=128, qk_norm=True, rope=RopeConfig(theta=1000000.0),
+        max_position_embeddings=40960, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+        norm_topk_prob=True, router_aux_loss_coef=0.001,
+    ),
+    "mixtral-8x7b": ModelConfig(
+        model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32,
+        num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope=RopeConfig(theta=1000000.0),
+        max_position_embeddings=32768, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=14336,
+        norm_topk_prob=True, router_aux_loss_coef=0.02, bos_token_id=1, eos_token_id=(2,),
     ),
 }  # fmt: skip
 

@@ -69,6 +69,10 @@ DEFAULT_RULES: Rules = (
     ("mlp", "tensor"),
     ("norm", None),
     ("lora_rank", None),  # LoRA's A [in, r] / B [r, out] shard like the weight's input / output
+    # Mixture of experts (models.moe): expert parallelism over fsdp, each device holding whole experts; the
+    # small router [embed, router] is replicated along its expert dimension.
+    ("expert", "fsdp"),
+    ("router", None),
 )
 
 

@@ -43,6 +43,7 @@ from jaxrlhf.train.evaluation import dpo_evaluator, kto_evaluator, sft_evaluator
 from jaxrlhf.train.optim import make_optimizer
 from jaxrlhf.train.prefetch import place_batch, rows_sharded
 from jaxrlhf.train.reference import ReferenceTable
+from jaxrlhf.train.router_loss import router_loss_of
 from jaxrlhf.train.run_config import (
     DpoConfig,
     KtoConfig,
@@ -347,6 +348,7 @@ def assemble(config: TrainConfig, task: str) -> Run:
         reference_is_frozen=base_reference,
         dropout=model_config.uses_dropout,
         pairs_per_row=pairs_per_row(config, task),
+        aux_loss=router_loss_of(model_config, config.model, micro_batches=config.micro_batches),
     )
     sharding_for = rows_sharded(mesh)
 

@@ -8,6 +8,11 @@ step (in the training micro-batches) are lowered and compiled on
 run), the mesh is built from fake CPU devices (``dry_run_devices``). The plan is
 judged against the device's memory (``verdict``): one that does not fit exits 1
 with the settings that would.
+
+MoE models: XLA:CPU expands ``ragged_dot`` densely over every expert, so on CPU
+devices the grouped matmuls are planned with ``ops.moe.planned_ragged_dot``, a
+stand-in with an accelerator kernel's memory (``moe_impl: planned``), and the
+plan says so; it also reports how the expert tensors are split (``experts``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from jaxrlhf.train.assembly import lm_head_chunk_size
 from jaxrlhf.train.largest_arrays import largest_arrays
 from jaxrlhf.train.optim import make_optimizer
 from jaxrlhf.train.prefetch import batch_sharding
+from jaxrlhf.train.router_loss import router_loss_of
 from jaxrlhf.train.run_config import (
     TrainConfig,
     check_batch_layout,
@@ -78,6 +84,25 @@ def _replicated_bytes(params, mesh) -> int:
     return total
 
 
+def _expert_sharding(params, mesh, model_config) -> dict:
+    """How the expert tensors are split: the mesh axes of their expert dimension, and any left replicated."""
+    tensors, replicated, axes = 0, [], set()
+    for path, variable in nnx.to_flat_state(params):
+        logical = variable.get_metadata().get(LOGICAL_AXES, ())
+        if "expert" not in logical:
+            continue
+        tensors += 1
+        spec = variable.get_value().sharding.spec
+        entry = spec[logical.index("expert")] if len(spec) > logical.index("expert") else None
+        if entry is None:
+            replicated.append("/".join(map(str, path)))
+        axes |= spec_axes(jax.sharding.PartitionSpec(entry))
+    split = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    return {"tensors": tensors, "axes": sorted(axes), "per_device": model_config.num_experts // split,
+            "num_experts": model_config.num_experts, "unsplit": replicated,
+            "grouped_matmul": model_config.moe_impl}  # fmt: skip
+
+
 def _abstract_batch(config: TrainConfig, task: str, rows: int, mesh, *, eval_: bool) -> dict:
     shape = (rows, config.data.max_length) if task == "sft" else (rows, 2, config.data.max_length)
     batch = {
@@ -102,6 +127,8 @@ def plan(config: TrainConfig, task: str) -> dict:
         config.model, config.model.path, param_dtype=config.model.param_dtype, tokenizer=config.data.tokenizer,
         sequence_parallel=config.mesh.sequence_parallel,
     )  # fmt: skip
+    if model_config.is_moe and jax.devices()[0].platform == "cpu":
+        model_config = dataclasses.replace(model_config, moe_impl="planned")
     tx, schedule = make_optimizer(config.optim, config.max_steps or 1000)
     graphdef, state = abstract_train_state(model_config, tx, mesh)
     frozen = abstract_policy(model_config, mesh)[2]
@@ -132,6 +159,7 @@ def plan(config: TrainConfig, task: str) -> dict:
         reference_is_frozen=base_reference,
         dropout=model_config.uses_dropout,
         pairs_per_row=pairs_per_row(config, task),
+        aux_loss=router_loss_of(model_config, config.model, micro_batches=config.micro_batches),
     )
     with jax.set_mesh(mesh):
         compiled_step = step.lower(state, batch, ref_params, frozen).compile()
@@ -149,6 +177,7 @@ def plan(config: TrainConfig, task: str) -> dict:
         "parameter_count": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
         "frozen_count": sum(math.prod(x.shape) for x in jax.tree.leaves(frozen)) if frozen is not None else 0,
         "largest_arrays": largest_arrays(compiled_step.as_text()),
+        **({"experts": _expert_sharding(state.params, mesh, model_config)} if model_config.is_moe else {}),
     }
     report["total"] = sum(report[k] for k in PARTS)
     if config.has_eval():
@@ -235,6 +264,21 @@ def _print(report: dict, config: TrainConfig, task: str) -> None:
     console.print("largest arrays of the step, per device:", highlight=False)
     for array in report["largest_arrays"]:
         print(f"  {array['bytes'] / GIB:8.3f} GiB  {array['shape']:<28} {array['op']}")
+    experts = report.get("experts")
+    if experts:
+        split = f"split over {', '.join(experts['axes'])}" if experts["axes"] else "not split"
+        console.print(
+            f"experts: {experts['tensors']} expert tensors, expert axis {split}: {experts['per_device']} of "
+            f"{experts['num_experts']} experts per device; expert tensors not split by expert: "
+            f"{', '.join(experts['unsplit']) or 'none'}",
+            highlight=False,
+        )
+        if experts["grouped_matmul"] == "planned":
+            console.print(
+                "grouped matmuls planned with a stand-in of an accelerator kernel's memory (XLA:CPU's ragged_dot "
+                "expands densely over all experts)",
+                highlight=False,
+            )
     if report["replicated_parameters"]:
         console.print(
             f"replicated: {report['replicated_parameters'] / GIB:.3f} GiB of parameters have no dimension that "

@@ -13,7 +13,10 @@ row (its prompt with another example's completion), and ``label`` ``[B]``
    example count.
 
 So any micro-batching or data parallelism gives the loss of the one batch. The
-reference's example log-probs come from pass 1: the reference runs once.
+reference's example log-probs come from pass 1: the reference runs once. A MoE
+policy's router losses (``aux_loss``, ``train.router_loss``) join pass 2 per
+micro-batch, from the policy's forward on the examples (not the KL rows, which
+run without gradients).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import optax
 
 from jaxrlhf.ops import logprobs, losses
 from jaxrlhf.ops.kto import KTO_METRIC_SUMS, kto_metric_means, kto_reference_point
-from jaxrlhf.train import steps
+from jaxrlhf.train import router_loss, steps
 
 _REFERENCE = "reference_logps"  # a micro-batch's reference log-probs of its examples, from pass 1
 
@@ -58,8 +61,12 @@ class KtoLossSpec:
 
 
 def row_logps(logprob_fn: steps.LogprobFn, params, mb: dict, row: int, **kwargs) -> jax.Array:
-    """Summed log-probs ``[b]`` of row ``row`` (0 = the examples, 1 = the KL rows) of a ``[b, 2, T]`` batch."""
+    """Summed log-probs ``[b]`` of row ``row`` (0 = the examples, 1 = the KL rows) of a ``[b, 2, T]`` batch
+    (with ``router_stats=True`` in ``kwargs``, a MoE policy's: and its router statistics)."""
     token_lp = logprob_fn(params, mb["tokens"][:, row], mb["positions"][:, row], mb["segment_ids"][:, row], **kwargs)
+    if kwargs.get("router_stats"):
+        token_lp, stats = token_lp
+        return logprobs.sequence_logprobs(token_lp, mb["loss_mask"][:, row]), stats
     return logprobs.sequence_logprobs(token_lp, mb["loss_mask"][:, row])
 
 
@@ -75,9 +82,10 @@ def _no_gradient_pass(params, batch, *, logprob_fn, ref_params, ref_logprob_fn, 
 
 def kto_gradients(
     params, batch: dict, *, logprob_fn, spec: KtoLossSpec, ref_params, ref_logprob_fn=None, num_micro_batches=1,
-    rng=None,
+    rng=None, aux_loss=None,
 ):  # fmt: skip
-    """``(loss, grads, summed metrics, z0)`` of KTO on a global batch (``rng``: the policy's dropout)."""
+    """``(loss, grads, summed metrics, z0)`` of KTO on a global batch (``rng``: the policy's dropout;
+    ``aux_loss``: a MoE policy's router losses)."""
     ref_logprob_fn = ref_logprob_fn or logprob_fn
     first = _no_gradient_pass(
         params, batch, logprob_fn=logprob_fn, ref_params=ref_params, ref_logprob_fn=ref_logprob_fn,
@@ -90,11 +98,12 @@ def kto_gradients(
 
     def loss_and_grad(params, mb):
         def loss_fn(params):
-            policy = row_logps(logprob_fn, params, mb, 0, **steps._dropout(mb))
+            out = row_logps(logprob_fn, params, mb, 0, **steps._dropout(mb), **router_loss.policy_kwargs(aux_loss))
+            policy, stats = router_loss.split_output(out, aux_loss)
             loss, metrics = spec.loss(policy, mb[_REFERENCE], mb["label"] > 0, kl=kl, normalizer=count)
             sums = {key: metrics[key] for key in KTO_METRIC_SUMS}
             sums["trained_tokens"] = jnp.sum(mb["loss_mask"][:, 0]).astype(jnp.float32)
-            return loss, sums
+            return router_loss.add_to_loss(loss, sums, stats, aux_loss)
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
@@ -115,11 +124,13 @@ def kto_step(
     ref_logprob_fn: steps.LogprobFn | None = None,
     num_micro_batches: int = 1,
     dropout: bool = False,
+    aux_loss=None,
 ):
-    """One optimizer step of KTO on a global batch (``dropout``: the policy has some)."""
+    """One optimizer step of KTO on a global batch (``dropout``: the policy has some; ``aux_loss``: a MoE
+    policy's router losses)."""
     loss, grads, sums, kl = kto_gradients(
         state.params, batch, logprob_fn=logprob_fn, spec=spec, ref_params=ref_params, ref_logprob_fn=ref_logprob_fn,
-        num_micro_batches=num_micro_batches, rng=steps._step_rng(state) if dropout else None,
+        num_micro_batches=num_micro_batches, rng=steps._step_rng(state) if dropout else None, aux_loss=aux_loss,
     )  # fmt: skip
     metrics = {
         **kto_metric_means(sums),
@@ -131,6 +142,7 @@ def kto_step(
         "learning_rate": schedule(state.step),
         "trained_tokens": sums["trained_tokens"],
         "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
+        **router_loss.step_metrics(sums, aux_loss),
     }
     return steps._apply_gradients(state, grads, tx), metrics
 

@@ -53,7 +53,7 @@ class ModelArgs:
     path: str = ""
     """Local Hugging Face model folder (config.json + safetensors)."""
     preset: str = ""
-    """Instead of a folder: a preset shape with random weights (tiny, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, llama3-8b)."""
+    """Instead of a folder: a preset shape, random weights (tiny, qwen2.5-*, llama3-8b, qwen3-30b-a3b, mixtral-8x7b)."""
     dtype: str = "bfloat16"
     """Compute dtype of activations and matmuls."""
     param_dtype: str = "float32"
@@ -66,6 +66,10 @@ class ModelArgs:
     """xla | cudnn (GPU flash attention)."""
     chunk_size: int = 0
     """Sequence positions per LM-head chunk; 0 = automatic (about 256 MiB of logits per chunk)."""
+    router_aux_loss_coef: float | None = None
+    """MoE: weight of the load-balancing loss (train.router_loss); null = config.json's router_aux_loss_coef."""
+    router_z_loss_coef: float = 0.0
+    """MoE models: weight of the router z-loss (ST-MoE's mean squared log-partition of the router logits)."""
     lora: LoraArgs | None = None
     """LoRA adapters (e.g. ``--model.lora.rank 16``); null = full fine-tuning. With LoRA the base is stored in
     ``dtype`` and frozen, param_dtype is the adapters', and DPO's reference model is the base with the adapters off."""

@@ -108,6 +108,7 @@ def build_train_step(
     reference_is_frozen: bool = False,
     dropout: bool = False,
     pairs_per_row: int | None = None,
+    aux_loss=None,
 ):
     """The jitted ``(state, batch, ref_params=None, frozen=None) -> (state, metrics)`` of ``task`` (sft | dpo | kto).
 
@@ -118,11 +119,12 @@ def build_train_step(
     policy's base. ``reference_is_frozen``: the reference *is* the base (adapters
     off), so the step holds one copy of the weights, not two. ``dropout``: draw the
     policy's dropout masks from the state's key. ``pairs_per_row``: DPO rows are
-    packed with that many pair slots (``run_config.pairs_per_row``).
+    packed with that many pair slots (``run_config.pairs_per_row``). ``aux_loss``: a MoE policy's router
+    losses (``train.router_loss.router_loss_of``; None for dense models).
     """
     if task not in ("sft", "dpo", "kto"):
         raise ValueError(f"unknown task {task!r}: sft, dpo or kto")
-    common = dict(tx=tx, schedule=schedule, num_micro_batches=micro_batches, dropout=dropout)
+    common = dict(tx=tx, schedule=schedule, num_micro_batches=micro_batches, dropout=dropout, aux_loss=aux_loss)
 
     def step(state, batch, ref_params=None, frozen=None):
         policy = steps.bind_frozen(logprob_fn, frozen)

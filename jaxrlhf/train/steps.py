@@ -17,11 +17,16 @@ segment_ids) -> token_lp [b, T]`` is the only thing they know of the model
 (plus ``rng=`` for the training forward of a model with dropout). A LoRA
 policy's ``params`` are its adapters; ``bind_frozen`` closes the logprob_fn over
 the frozen base, an argument of the jitted step like the adapters themselves.
+
+MoE policies: a step given ``aux_loss`` (``train.router_loss.RouterLoss``, None
+for dense models) calls the policy's training forward with
+``router_stats=True``, which then returns ``(token_lp, stats)``; ``aux_loss(stats)``
+is ``(term, metric sums)`` and the term joins the micro-batch's loss. What the
+statistics are is the model's business and the aux loss's, not the step's.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 
@@ -32,6 +37,8 @@ import optax
 from flax import struct
 
 from jaxrlhf.ops import logprobs, losses
+from jaxrlhf.train import router_loss
+from jaxrlhf.train.dpo_spec import DpoLossSpec
 
 LogprobFn = Callable[..., jax.Array]  # (params, tokens, positions, segment_ids, rng=None) -> token_lp
 DROPOUT_RNG = "dropout_rng"  # a micro-batch's dropout key, when the policy has dropout
@@ -59,51 +66,6 @@ class TrainState:
     opt_state: object
     step: jax.Array
     rng: jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class DpoLossSpec:
-    """Static settings of the DPO objective (hashable: part of the jitted step), checked when made."""
-
-    beta: float = 0.1
-    loss_type: tuple[str, ...] = ("sigmoid",)
-    loss_weights: tuple[float, ...] | None = None
-    label_smoothing: float = 0.0
-    discopop_tau: float = 0.05
-    orpo_lambda: float = 0.1
-    simpo_gamma: float = 0.5
-    cpo_alpha: float = 1.0
-
-    def __post_init__(self):
-        names, weights = losses.normalise_loss_types(self.loss_type, self.loss_weights)
-        object.__setattr__(self, "loss_type", names)
-        object.__setattr__(self, "loss_weights", weights)
-        if not self.beta > 0:
-            raise ValueError(f"dpo beta must be > 0, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"dpo label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if "exo_pair" in names and self.label_smoothing == 0:
-            raise ValueError("dpo.loss_type exo_pair needs dpo.label_smoothing > 0 (EXO's epsilon, e.g. 1e-3), as in TRL")
-        if not self.orpo_lambda > 0:
-            raise ValueError(f"dpo.orpo_lambda must be > 0 (the weight of ORPO's odds-ratio term), got {self.orpo_lambda}")
-        if not self.simpo_gamma >= 0:
-            raise ValueError(f"dpo.simpo_gamma must be >= 0 (SimPO's target reward margin), got {self.simpo_gamma}")
-        if not self.cpo_alpha >= 0:
-            raise ValueError(f"dpo.cpo_alpha must be >= 0 (the weight of CPO's NLL term), got {self.cpo_alpha}")
-
-    @property
-    def reference_free(self) -> bool:
-        """Every selected loss reads the policy alone: no reference is loaded, precomputed or run."""
-        return set(self.loss_type) <= losses.REFERENCE_FREE
-
-    @property
-    def metric_keys(self) -> tuple[str, ...]:
-        return losses.dpo_metric_keys(self.loss_type)
-
-    @property
-    def sorts_across_batch(self) -> bool:
-        """aot losses sort the pairs of a batch: with micro-batches they see only their micro-batch."""
-        return bool({"aot", "aot_unpaired"} & set(self.loss_type))
 
 
 def split_micro_batches(batch: dict, num_micro_batches: int) -> dict:
@@ -154,15 +116,20 @@ def _apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation)
     return state.replace(params=params, opt_state=opt_state, step=state.step + 1)
 
 
-def sft_gradients(params, batch: dict, *, logprob_fn: LogprobFn, num_micro_batches: int = 1, rng=None):
-    """Loss and gradients of SFT on a global batch ``[B, T]``, accumulated over micro-batches (``rng``: dropout)."""
+def sft_gradients(
+    params, batch: dict, *, logprob_fn: LogprobFn, num_micro_batches: int = 1, rng=None, aux_loss=None
+):  # fmt: skip
+    """Loss and gradients of SFT on a global batch ``[B, T]``, accumulated over micro-batches (``rng``: dropout;
+    ``aux_loss``: a MoE policy's router losses)."""
     normalizer = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
 
     def loss_and_grad(params, mb):
         def loss_fn(params):
-            token_lp = logprob_fn(params, mb["tokens"], mb["positions"], mb["segment_ids"], **_dropout(mb))
+            policy = {**_dropout(mb), **router_loss.policy_kwargs(aux_loss)}
+            out = logprob_fn(params, mb["tokens"], mb["positions"], mb["segment_ids"], **policy)
+            token_lp, stats = router_loss.split_output(out, aux_loss)
             loss, metrics = losses.sft_loss(token_lp, mb["loss_mask"], normalizer=normalizer)
-            return loss, {"trained_tokens": metrics["trained_tokens"]}
+            return router_loss.add_to_loss(loss, {"trained_tokens": metrics["trained_tokens"]}, stats, aux_loss)
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
@@ -178,11 +145,13 @@ def sft_step(
     schedule: optax.Schedule,
     num_micro_batches: int = 1,
     dropout: bool = False,
+    aux_loss=None,
 ):
-    """One optimizer step of SFT on a global batch of ``[B, T]`` arrays (``dropout``: the policy has some)."""
+    """One optimizer step of SFT on a global batch of ``[B, T]`` arrays (``dropout``: the policy has some;
+    ``aux_loss``: a MoE policy's router losses)."""
     loss, grads, sums = sft_gradients(
         state.params, batch, logprob_fn=logprob_fn, num_micro_batches=num_micro_batches,
-        rng=_step_rng(state) if dropout else None,
+        rng=_step_rng(state) if dropout else None, aux_loss=aux_loss,
     )  # fmt: skip
     metrics = {
         "loss": loss,
@@ -190,6 +159,7 @@ def sft_step(
         "learning_rate": schedule(state.step),
         "trained_tokens": sums["trained_tokens"],
         "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
+        **router_loss.step_metrics(sums, aux_loss),
     }
     return _apply_gradients(state, grads, tx), metrics
 
@@ -198,10 +168,19 @@ def pair_logps(
     logprob_fn: LogprobFn, params, mb: dict, *, pairs_per_row: int | None = None, **kwargs
 ) -> tuple[jax.Array, jax.Array]:
     """Summed log-probs of chosen (0) and rejected (1) in one forward pass, and their trained-token lengths:
-    ``[b, 2]`` for padded rows; ``[b, S, 2]`` for packed rows of ``pairs_per_row`` S slots (pair k in slot k - 1)."""
+    ``[b, 2]`` for padded rows; ``[b, S, 2]`` for packed rows of ``pairs_per_row`` S slots (pair k in slot k - 1).
+    With ``router_stats=True`` in ``kwargs`` (a MoE policy), the router statistics come third."""
     b, two, length = mb["tokens"].shape
     flat = {k: mb[k].reshape(b * two, length) for k in ("tokens", "positions", "segment_ids", "loss_mask")}
     token_lp = logprob_fn(params, flat["tokens"], flat["positions"], flat["segment_ids"], **kwargs)
+    if kwargs.get("router_stats"):
+        token_lp, stats = token_lp
+        return (*_pair_sums(token_lp, mb, flat, pairs_per_row), stats)
+    return _pair_sums(token_lp, mb, flat, pairs_per_row)
+
+
+def _pair_sums(token_lp, mb: dict, flat: dict, pairs_per_row: int | None) -> tuple[jax.Array, jax.Array]:
+    b, two, _ = mb["tokens"].shape
     if pairs_per_row is None:
         seq = logprobs.sequence_logprobs(token_lp, flat["loss_mask"]).reshape(b, two)
         return seq, jnp.sum(mb["loss_mask"], axis=-1).astype(jnp.float32)
@@ -264,6 +243,7 @@ def dpo_gradients(
     num_micro_batches: int = 1,
     rng=None,
     pairs_per_row: int | None = None,
+    aux_loss=None,
 ):
     """Loss, gradients and summed metrics of DPO on a global batch ``[B, 2, T]``.
 
@@ -271,7 +251,8 @@ def dpo_gradients(
     ``[B, S, 2]``) when present, else from ``ref_params`` under ``ref_logprob_fn``
     (default: the policy's; a LoRA policy's reference is its base, adapters off),
     else it is 0 (reference-free). ``rng``: the policy's dropout, never the
-    reference's. ``pairs_per_row``: the rows are packed, with that many pair slots.
+    reference's. ``pairs_per_row``: the rows are packed, with that many pair slots. ``aux_loss``: the policy's
+    router losses (a MoE policy; the reference's router is not trained).
     """
     ref_logprob_fn = ref_logprob_fn or logprob_fn
     num_pairs = jnp.maximum(real_pairs(batch, pairs_per_row), 1.0)
@@ -289,7 +270,7 @@ def dpo_gradients(
         pair_mask = None if pairs_per_row is None else flat(packed_pair_mask(mb["segment_ids"], pairs_per_row))
 
         def loss_fn(params):
-            policy, lengths = logps(logprob_fn, params, **_dropout(mb))
+            policy, lengths, *stats = logps(logprob_fn, params, **_dropout(mb), **router_loss.policy_kwargs(aux_loss))
             policy, lengths = flat(policy), flat(lengths)
             ref = jnp.zeros_like(policy) if reference is None else flat(reference)
             total, metrics = dpo_pair_terms(
@@ -297,7 +278,7 @@ def dpo_gradients(
                 pair_mask=pair_mask,
             )  # fmt: skip
             metrics["trained_tokens"] = jnp.sum(lengths)
-            return total / num_pairs, metrics
+            return router_loss.add_to_loss(total / num_pairs, metrics, stats[0] if stats else None, aux_loss)
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
@@ -324,9 +305,11 @@ def dpo_step(
     num_micro_batches: int = 1,
     dropout: bool = False,
     pairs_per_row: int | None = None,
+    aux_loss=None,
 ):
     """One optimizer step of DPO on a global batch of ``[B, 2, T]`` arrays (``dropout``: the policy has some;
-    ``pairs_per_row``: packed rows). Metrics are means over the real pairs, ``pairs`` their count."""
+    ``pairs_per_row``: packed rows; ``aux_loss``: a MoE policy's router losses). Metrics are means over the real
+    pairs, ``pairs`` their count."""
     loss, grads, sums = dpo_gradients(
         state.params,
         batch,
@@ -337,6 +320,7 @@ def dpo_step(
         num_micro_batches=num_micro_batches,
         rng=_step_rng(state) if dropout else None,
         pairs_per_row=pairs_per_row,
+        aux_loss=aux_loss,
     )
     num_pairs = real_pairs(batch, pairs_per_row)
     metrics = {key: sums[key] / jnp.maximum(num_pairs, 1.0) for key in spec.metric_keys}
@@ -347,6 +331,7 @@ def dpo_step(
         learning_rate=schedule(state.step),
         trained_tokens=sums["trained_tokens"],
         tokens=jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
+        **router_loss.step_metrics(sums, aux_loss),
     )
     return _apply_gradients(state, grads, tx), metrics
 
