@@ -6,6 +6,7 @@ float64 numpy log-softmax; never the code under test.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import jax
@@ -171,8 +172,8 @@ def test_bf16_checkpoint_and_bf16_compute(zoo, tokens, tmp_path):
     import torch
     import transformers
 
-    zoo.torch_model("mistral").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
-    zoo.torch_model("mistral").to(torch.float32)
+    # A copy: rounding the shared model to bf16 and back would change the weights every later test compares with.
+    copy.deepcopy(zoo.torch_model("mistral")).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     model, config = load_hf(tmp_path / "bf16", dtype=jnp.bfloat16, param_dtype=jnp.float32)
     assert config.checkpoint_dtype == "bfloat16"
     assert model.layers.mlp.up_proj[...].dtype == jnp.float32
