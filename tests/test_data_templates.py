@@ -159,7 +159,10 @@ GEMMA = (
 def test_gemma_template_trains_exactly_each_reply_and_its_end_of_turn(tmp_path):
     from jaxrlhf.models import config_from_hf, end_of_turn_token_id, init_model, save_hf
 
-    tok = tokenizer()
+    import transformers
+
+    # A tokenizer of its own: load_tokenizer's is shared by every test of this process.
+    tok = transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     tok.add_special_tokens({"bos_token": "<bos>", "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
     tok.chat_template = GEMMA
     record = {"messages": [
