@@ -65,7 +65,8 @@ def _reference_router(router_logits, mask: np.ndarray, top_k: int) -> dict[str, 
     counts = np.bincount(top.reshape(-1), minlength=logits.shape[-1]).astype(np.float64)
     peak = logits.max(-1, keepdims=True)
     lse = (peak + np.log(np.exp(logits - peak).sum(-1, keepdims=True)))[:, 0]
-    return {"z_loss": float(np.mean(lse**2)), "load_max": float(counts.max() / counts.mean())}
+    return {"z_loss": float(np.mean(lse**2)), "load_max": float(counts.max() / counts.mean()),
+            "load": counts / counts.sum()}  # fmt: skip
 
 
 @pytest.mark.parametrize("variant", MOE_VARIANTS)
@@ -109,6 +110,8 @@ def test_sft_loss_aux_loss_and_gradients_match_transformers(zoo, variant):
     np.testing.assert_allclose(float(metrics["moe/aux_loss"]), out.aux_loss.item(), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["moe/z_loss"]), router["z_loss"], rtol=1e-5)
     np.testing.assert_allclose(float(metrics["moe/load_max"]), router["load_max"], rtol=1e-6)
+    load = [float(metrics[f"moe/load/e{k}"]) for k in range(config.num_experts)]  # 8 experts: e0 .. e7
+    np.testing.assert_allclose(load, router["load"], rtol=1e-6)
     np.testing.assert_allclose(float(loss), out.loss.item() + aux.z_coef * router["z_loss"], rtol=1e-5)
     _assert_layer_gradients(grads, expected)
 

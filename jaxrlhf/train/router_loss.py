@@ -17,9 +17,10 @@ model-agnostic: ``aux_loss`` is None for dense models and they never look
 inside it.
 
 Logged per step: ``moe/aux_loss`` and ``moe/z_loss`` (means over the
-micro-batches) and ``moe/load_max``, the largest expert's share of the step's
-top-k assignments over the mean share (1 = balanced, ``num_experts`` = one
-expert takes everything).
+micro-batches), ``moe/load/e{k}``, expert k's fraction of the step's top-k
+assignments over every MoE layer (they sum to 1), and ``moe/load_max``, the
+largest of those over their mean (1 = balanced, ``num_experts`` = one expert
+takes everything).
 """
 
 from __future__ import annotations
@@ -60,10 +61,12 @@ class RouterLoss:
         """The logged metrics from the metric sums of all micro-batches."""
         counts = sums["moe/counts"]
         share = counts / jnp.maximum(jnp.sum(counts), 1.0)
+        width = len(str(self.num_experts - 1))  # e007 sorts before e100 in every metrics viewer
         return {
             "moe/aux_loss": sums["moe/aux_loss"] / self.num_micro_batches,
             "moe/z_loss": sums["moe/z_loss"] / self.num_micro_batches,
             "moe/load_max": jnp.max(share) * self.num_experts,
+            **{f"moe/load/e{k:0{width}d}": share[k] for k in range(self.num_experts)},
         }
 
 
