@@ -1,5 +1,5 @@
-"""Flax NNX decoders (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3; Qwen3-MoE and Mixtral) and Hugging Face checkpoints
-in and out.
+"""Flax NNX decoders (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3; Qwen3-MoE and Mixtral) and Hugging Face
+checkpoints in and out.
 
     from jaxrlhf.models import load_hf, save_hf, token_logprobs
     model, config = load_hf("path/to/hf_folder", dtype=jnp.bfloat16, mesh=mesh)

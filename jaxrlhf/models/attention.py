@@ -85,7 +85,10 @@ def layer_kinds(config: ModelConfig, impl: str) -> list[LayerKind]:
     kinds = []
     for window in config.layer_windows():
         layer_impl = impl
-        cannot = soft_cap is not None if impl == "cudnn" else not kernels.supports(impl, window=window, soft_cap=soft_cap)
+        if impl == "cudnn":
+            cannot = soft_cap is not None
+        else:
+            cannot = not kernels.supports(impl, window=window, soft_cap=soft_cap)
         if cannot:
             layer_impl = "xla"
             if (impl, window, soft_cap) not in _warned:

@@ -112,8 +112,8 @@ class Decoder(nnx.Module):
         return head.astype(self.config.dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """Full f32 logits ``[..., V]`` of ``hidden`` ``[..., D]``, final soft cap applied (for decoding and tests: training's
-        log-probs use the chunked LM head, which never holds them)."""
+        """Full f32 logits ``[..., V]`` of ``hidden`` ``[..., D]``, final soft cap applied (for decoding and tests:
+        training's log-probs use the chunked LM head, which never holds them)."""
         logits = jnp.einsum("...d,dv->...v", hidden, self.lm_head_matrix(), preferred_element_type=jnp.float32)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else cap * jnp.tanh(logits / cap)
@@ -238,20 +238,20 @@ class Decoder(nnx.Module):
                 if position is not None:
                     xs = jax.tree.map(lambda a: a[position], xs)
                 state, layer_cache, layer_rng, window, local = (*xs, None, None)[:5]
-                if kind is None:
-                    mask = base.mask if window is None else attention.window_mask(base.mask, window, query_index, key_index)
-                    call = AttentionCall(kinds[0].impl, mask=mask)  # dense layers share one kernel
+                if kind is None:  # dense layers share one kernel; window and RoPE choice are per-layer values
+                    impl = kinds[0].impl
                     cos, sin = ropes[False] if local is None else jax.tree.map(
                         lambda g, l: jnp.where(local, l, g), ropes[False], ropes[True]
                     )
                 else:
-                    call = AttentionCall(kind.impl, segment_ids=base.segment_ids, window=kind.window)
-                    if kind.impl in attention.DENSE:  # a flash kernel's layer handed to xla
-                        mask = base.mask if kind.window is None else attention.window_mask(
-                            base.mask, kind.window, query_index, key_index
-                        )
-                        call = AttentionCall(kind.impl, mask=mask)
-                    cos, sin = ropes[kind.local_rope]
+                    impl, window, (cos, sin) = kind.impl, kind.window, ropes[kind.local_rope]
+                if impl in attention.DENSE:
+                    mask = base.mask
+                    if window is not None:
+                        mask = attention.window_mask(mask, window, query_index, key_index)
+                    call = AttentionCall(impl, mask=mask)
+                else:
+                    call = AttentionCall(impl, segment_ids=base.segment_ids, window=window)
                 block = nnx.merge(graphdef, state)
                 y, layer_cache, stats = block(x, cos, sin, call, layer_cache, cache_index, layer_rng, token_mask)
                 return self._between_layers(y), (layer_cache, stats)
@@ -261,29 +261,21 @@ class Decoder(nnx.Module):
         def stack(outputs):  # per-layer (cache, router stats) -> [layers, ...] (None stays None)
             return jax.tree.map(lambda *a: jnp.stack(a), *outputs)
 
+        per_layer = (stacked, kv_cache, rngs)
+        if not config.scan_layers:  # unrolled: every layer's kind is static
+            outputs = []
+            for i, kind in enumerate(kinds):
+                x, out = make_layer(kind)(x, jax.tree.map(lambda a: a[i], per_layer))
+                outputs.append(out)
+            return x, *stack(outputs)
         if all(kind.impl in attention.DENSE for kind in kinds):
             windows = [kind.window for kind in kinds]
             window_array = None
             if any(w is not None for w in windows):
                 window_array = jnp.asarray([_NO_WINDOW if w is None else w for w in windows], jnp.int32)
             local_array = jnp.asarray([kind.local_rope for kind in kinds]) if len(ropes) > 1 else None
-            layer = make_layer(None)
-            xs = (stacked, kv_cache, rngs, window_array, local_array)
-            if config.scan_layers:
-                x, (caches, stats) = jax.lax.scan(layer, x, xs)
-                return x, caches, stats
-            outputs = []
-            for i in range(config.num_layers):
-                x, out = layer(x, jax.tree.map(lambda a: a[i], xs))
-                outputs.append(out)
-            return x, *stack(outputs)
-        per_layer = (stacked, kv_cache, rngs)
-        if not config.scan_layers:
-            outputs = []
-            for i, kind in enumerate(kinds):
-                x, out = make_layer(kind)(x, jax.tree.map(lambda a: a[i], per_layer))
-                outputs.append(out)
-            return x, *stack(outputs)
+            x, (caches, stats) = jax.lax.scan(make_layer(None), x, (*per_layer, window_array, local_array))
+            return x, caches, stats
         groups = []
         for group in attention.layer_groups(kinds):
             period, stop = len(group.kinds), group.start + group.repeats * len(group.kinds)
