@@ -73,6 +73,11 @@ def hf_config(name: str):
         return transformers.Qwen3MoeConfig(
             **_TINY_HF, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False
         )
+    if name == "qwen3_moe_dense":  # 5 layers, MoE every second one (1, 3): (dense, MoE) x 2, then dense
+        return transformers.Qwen3MoeConfig(
+            **{**_TINY_HF, "num_hidden_layers": 5}, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+            decoder_sparse_step=2, norm_topk_prob=True,
+        )  # fmt: skip
     if name == "mixtral":  # 8 experts, top-2 renormalised, sliding window on every layer
         return transformers.MixtralConfig(
             **{**_TINY_HF, "intermediate_size": 32}, num_local_experts=8, num_experts_per_tok=2, sliding_window=5
@@ -81,7 +86,7 @@ def hf_config(name: str):
 
 
 HF_VARIANTS = ("llama2", "llama3", "qwen2", "qwen3", "mistral", "gemma2", "gemma3")
-MOE_VARIANTS = ("qwen3_moe", "mixtral")
+MOE_VARIANTS = ("qwen3_moe", "mixtral", "qwen3_moe_dense")
 
 
 class HFZoo:

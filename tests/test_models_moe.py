@@ -17,7 +17,7 @@ import safetensors.numpy
 from flax import nnx
 from model_fixtures import MOE_VARIANTS, VOCAB, HFZoo, reference_token_logprobs
 
-from jaxrlhf.models import config_from_hf, load_hf, make_logprob_fn, save_hf, token_logprobs
+from jaxrlhf.models import config_from_hf, config_to_hf, load_hf, make_logprob_fn, save_hf, token_logprobs
 from jaxrlhf.models.generate import generate
 from jaxrlhf.ops import moe as moe_ops
 from jaxrlhf.parallel import MeshConfig, make_mesh, partition_specs
@@ -106,6 +106,7 @@ def test_sft_loss_aux_loss_and_gradients_match_transformers(zoo, variant):
     )
     metrics = aux.step_metrics(sums)
     out, expected = _hf_gradients(zoo, variant, batch, aux)
+    assert len(out.router_logits) == config.num_layers - len(config.dense_mlp_layers)  # MoE layers only
     router = _reference_router(out.router_logits, batch["segment_ids"], config.num_experts_per_tok)
     np.testing.assert_allclose(float(metrics["moe/aux_loss"]), out.aux_loss.item(), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["moe/z_loss"]), router["z_loss"], rtol=1e-5)
@@ -113,11 +114,18 @@ def test_sft_loss_aux_loss_and_gradients_match_transformers(zoo, variant):
     load = [float(metrics[f"moe/load/e{k}"]) for k in range(config.num_experts)]  # 8 experts: e0 .. e7
     np.testing.assert_allclose(load, router["load"], rtol=1e-6)
     np.testing.assert_allclose(float(loss), out.loss.item() + aux.z_coef * router["z_loss"], rtol=1e-5)
-    _assert_layer_gradients(grads, expected)
+    _assert_layer_gradients(grads, expected, config)
+    if config.dense_mlp_layers:  # HF layer 0 is dense: its MLP's gradients as transformers'
+        mlp = zoo.torch_model(variant).model.layers[0].mlp
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            want = getattr(mlp, name).weight.grad.double().numpy().T
+            np.testing.assert_allclose(np.asarray(grads["dense_layers"]["mlp"][name][...][0]), want,
+                                       atol=2e-5 * np.abs(want).max(), err_msg=name)  # fmt: skip
 
 
 def _hf_gradients(zoo, variant, batch, aux: RouterLoss):
-    """transformers' output and its autograd gradients of layer 1's router and experts (our layouts) for
+    """transformers' output and its autograd gradients of layer 1's router and experts (our layouts; layer 1
+    is a MoE layer in every variant) for
     loss + aux_coef * aux_loss + z_coef * (mean squared logsumexp of its router logits)."""
     import torch
 
@@ -142,9 +150,11 @@ def _hf_gradients(zoo, variant, batch, aux: RouterLoss):
     }
 
 
-def _assert_layer_gradients(grads, expected):
+def _assert_layer_gradients(grads, expected, config):
+    """Our gradients of layer 1's MoE parameters (``layers`` holds the MoE layers) against transformers'."""
+    index = config.layer_stacks()["layers"].index(1)
     for name, value in expected.items():
-        ours = np.asarray(grads["layers"]["mlp"][name][...][1])
+        ours = np.asarray(grads["layers"]["mlp"][name][...][index])
         assert np.abs(value).max() > 1e-4, name
         np.testing.assert_allclose(ours, value, atol=2e-5 * np.abs(value).max(), err_msg=name)
 
@@ -234,7 +244,7 @@ def test_expert_parallel_forward_and_router_stats_match_transformers(zoo):
             params, batch
         )
     out, expected = _hf_gradients(zoo, "mixtral", batch, loss_spec)
-    _assert_layer_gradients(grads, expected)
+    _assert_layer_gradients(grads, expected, config)
 
 
 @pytest.mark.parametrize("variant", MOE_VARIANTS)
@@ -267,15 +277,34 @@ def test_save_hf_round_trip_and_greedy_generation(zoo, variant, tmp_path):
         assert completions.completion(row) == expected, row
 
 
-def test_config_reads_both_expert_count_keys_and_refuses_dense_layers():
+def test_config_reads_both_expert_count_keys_and_places_dense_layers_as_transformers_does():
+    """Which layers get a dense MLP (mlp_only_layers, decoder_sparse_step) as transformers' own Qwen3-MoE
+    builds them; written back, transformers builds the same layers again."""
+    import transformers
+
     base = {"model_type": "qwen3_moe", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
-            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+            "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
             "moe_intermediate_size": 16, "num_experts_per_tok": 2}  # fmt: skip
     assert config_from_hf({**base, "num_experts": 6}).num_experts == 6  # the Hub's key
     assert config_from_hf({**base, "num_local_experts": 6}).num_experts == 6  # transformers 5's
-    for dense in ({"decoder_sparse_step": 2}, {"mlp_only_layers": [0]}):
-        with pytest.raises(ValueError, match="every one of the 4 layers must be a MoE layer"):
-            config_from_hf({**base, "num_experts": 6, **dense})
+
+    def dense_layers_of(hf: dict) -> tuple[int, ...]:
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**hf))
+        return tuple(i for i, layer in enumerate(model.model.layers) if isinstance(
+            layer.mlp, transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeMLP))  # fmt: skip
+
+    for extra in ({}, {"decoder_sparse_step": 2}, {"decoder_sparse_step": 3}, {"mlp_only_layers": [0, 4]},
+                  {"decoder_sparse_step": 2, "mlp_only_layers": [1, 2]}):  # fmt: skip
+        hf = {**base, "num_experts": 6, **extra}
+        config = config_from_hf(hf)
+        assert config.dense_mlp_layers == dense_layers_of(hf), extra
+        written = {k: v for k, v in config_to_hf(config, dtype=None).items() if k not in ("architectures", "dtype")}
+        assert dense_layers_of(written) == config.dense_mlp_layers, extra
+        assert config_from_hf(written) == config, extra
+    with pytest.raises(ValueError, match="all 6 layers are dense"):
+        config_from_hf({**base, "num_experts": 6, "mlp_only_layers": list(range(6))})
+    with pytest.raises(ValueError, match="decoder_sparse_step=0 must be an integer >= 1"):
+        config_from_hf({**base, "num_experts": 6, "decoder_sparse_step": 0})
 
 
 def test_dry_run_splits_every_expert_tensor_by_expert_and_plans_the_grouped_matmuls(zoo, tmp_path):

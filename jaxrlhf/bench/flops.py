@@ -6,7 +6,8 @@ Convention (PaLM, Chowdhery et al. 2022, appendix B): training costs, per token,
 
 FLOPs, where N counts the parameters that multiply activations (every layer's
 attention and MLP matrices plus the LM head, tied or not; the embedding lookup is
-no matmul, norms and biases are negligible), L is the number of layers, H of query
+no matmul, norms and biases are negligible; a MoE layer counts its router and
+the top-k experts a token visits, not all experts), L is the number of layers, H of query
 heads, Q the head dimension and T the sequence length. 2N is the forward's
 multiply-adds, the backward costs twice the forward; 4·L·H·Q·T is the forward's
 ``Q K^T`` and ``A V`` over the full T x T (causal masking is not discounted, nor
@@ -56,11 +57,17 @@ PEAK_BF16_FLOPS: dict[str, float] = {
 
 
 def matmul_params(config: ModelConfig) -> int:
-    """N: parameters that multiply an activation once per token (layers' matrices + LM head)."""
+    """N: parameters that multiply an activation once per token (layers' matrices + LM head). A MoE layer's
+    are those a token meets: the router and its top-k experts."""
     d, h, kv, q, f = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size
     attention = d * h * q + 2 * d * kv * q + h * q * d  # q, k, v, o projections
     mlp = 3 * d * f  # gate, up, down
-    return config.num_layers * (attention + mlp) + d * config.vocab_size
+    layers = config.num_layers * (attention + mlp)
+    if config.is_moe:
+        moe_layers = config.num_layers - len(config.dense_mlp_layers)
+        moe = d * config.num_experts + config.num_experts_per_tok * 3 * d * config.moe_intermediate_size
+        layers += moe_layers * (moe - mlp)
+    return layers + d * config.vocab_size
 
 
 def forward_flops_per_token(config: ModelConfig, seq_len: int) -> int:

@@ -5,9 +5,11 @@
 kernel for packed ones; xla on CPU). The dense kernels (xla, cudnn) take a mask
 built once per call, windowed per layer; the flash kernels (splash, pallas_gpu)
 take segment ids and a static window. Layers differ in window (and Gemma 3's in
-RoPE), so the decoder scans over *groups*: ``layer_groups`` cuts the layers into
-runs of a repeating pattern (Gemma 2: (sliding, global) x 21; Gemma 3: (5 x
-sliding, global) x 4, then 2 sliding; Llama: (global) x 32), and one scan step
+RoPE, and a Qwen3-MoE's in having a dense MLP or experts), so the decoder scans
+over *groups*: ``layer_groups`` cuts the layers into runs of a repeating pattern
+(Gemma 2: (sliding, global) x 21; Gemma 3: (5 x sliding, global) x 4, then 2
+sliding; Qwen3-MoE with ``decoder_sparse_step`` 2: (dense, MoE) x 24; Llama:
+(global) x 32), and one scan step
 runs one repetition of the pattern, each layer in it with its static kind. The
 number of scans depends on the pattern, not on the depth.
 Under a mesh the flash kernels run in ``shard_map``: rows over the batch axes,
@@ -63,11 +65,13 @@ def resolve(impl: str, *, packed: bool) -> str:
 
 
 class LayerKind(NamedTuple):
-    """What sets a layer apart at trace time: its kernel, its window and whether it takes the local RoPE."""
+    """What sets a layer apart at trace time: its kernel, its window, whether it takes the local RoPE, and
+    whether it is a dense-MLP layer of a MoE model (its parameters in ``Decoder.dense_layers``)."""
 
     impl: str
     window: int | None
     local_rope: bool
+    dense_mlp: bool = False
 
 
 class LayerGroup(NamedTuple):
@@ -83,7 +87,7 @@ def layer_kinds(config: ModelConfig, impl: str) -> list[LayerKind]:
     xla (logged once); so does a soft cap under cuDNN, which has none."""
     soft_cap = config.attn_logit_softcapping
     kinds = []
-    for window in config.layer_windows():
+    for i, window in enumerate(config.layer_windows()):
         layer_impl = impl
         if impl == "cudnn":
             cannot = soft_cap is not None
@@ -97,7 +101,8 @@ def layer_kinds(config: ModelConfig, impl: str) -> list[LayerKind]:
                     "attention %s has no %s: layers with window %s and soft cap %s run xla",
                     impl, "soft cap" if soft_cap is not None else "sliding window", window, soft_cap,
                 )  # fmt: skip
-        kinds.append(LayerKind(layer_impl, window, config.local_rope is not None and window is not None))
+        local = config.local_rope is not None and window is not None
+        kinds.append(LayerKind(layer_impl, window, local, i in config.dense_mlp_layers))
     return kinds
 
 

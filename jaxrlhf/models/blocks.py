@@ -20,6 +20,7 @@ from jaxrlhf.models.attention import AttentionCall
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.moe import MoE
 from jaxrlhf.models.rope import apply_rope
+from jaxrlhf.ops import moe as moe_ops
 
 __all__ = ["Attention", "Block", "MLP", "RMSNorm", "SAVED_NAMES", "normal_initializer", "param"]
 
@@ -197,20 +198,25 @@ class Block(nnx.Module):
     """Pre-norm decoder layer (Gemma's also norms the attention and MLP outputs before adding them). Built with
     ``stack=(L,)`` it holds L layers' parameters, called one slice at a time."""
 
-    def __init__(self, config: ModelConfig, *, stack: tuple[int, ...] = (), rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, stack: tuple[int, ...] = (), rngs: nnx.Rngs, moe: bool | None = None):
+        """``moe``: whether the MLP is a mixture of experts (default: ``config.is_moe``; False for the dense
+        layers of a MoE model)."""
+        self.config = config
         norm = functools.partial(RMSNorm, config.hidden_size, config, stack=stack, rngs=rngs)
         self.attn_norm = norm()
         self.attn = Attention(config, stack=stack, rngs=rngs)
         self.post_attn_norm = norm() if config.gemma_layout else None
         self.mlp_norm = norm()
-        self.mlp = MoE(config, _ACTIVATIONS[config.hidden_act], stack=stack, rngs=rngs) if config.is_moe else MLP(
+        moe = config.is_moe if moe is None else moe
+        self.mlp = MoE(config, _ACTIVATIONS[config.hidden_act], stack=stack, rngs=rngs) if moe else MLP(
             config, stack=stack, rngs=rngs
         )
         self.post_mlp_norm = norm() if config.gemma_layout else None
 
     def __call__(self, x, cos, sin, call: AttentionCall, kv_cache=None, cache_index=None, rng=None, token_mask=None):
         """``(output, kv_cache, router_stats)``; the arguments as ``Attention``'s (``rng``: this layer's LoRA
-        dropout key); a MoE layer's router statistics count the tokens ``token_mask`` marks (dense: None)."""
+        dropout key); a MoE layer's router statistics count the tokens ``token_mask`` marks (a dense model's:
+        None; a dense layer of a MoE model gives zeros, so that the sums over layers count the MoE layers)."""
         attended, kv_cache = self.attn(self.attn_norm(x), cos, sin, call, kv_cache, cache_index, rng)
         if self.post_attn_norm is not None:
             attended = self.post_attn_norm(attended)
@@ -221,6 +227,7 @@ class Block(nnx.Module):
             out, stats = self.mlp(mlp_in, token_mask)
         else:
             out = self.mlp(mlp_in, rng)
+            stats = moe_ops.no_router_stats(self.config.num_experts) if self.config.is_moe else None
         if self.post_mlp_norm is not None:
             out = self.post_mlp_norm(out)
         return x + out, kv_cache, stats

@@ -21,7 +21,8 @@ Supported ``model_type``s and what sets them apart (everything else is shared):
   (``models.moe``): ``num_experts`` gated experts of width ``moe_intermediate_size``
   with top-``num_experts_per_tok`` softmax routing, renormalised when
   ``norm_topk_prob`` (Mixtral always); qwen3_moe attention is qwen3's, mixtral's
-  mistral's. Every layer must be a MoE layer (``models.moe_config``).
+  mistral's. Qwen3-MoE's ``dense_mlp_layers`` (``mlp_only_layers`` and
+  ``decoder_sparse_step``) have a dense MLP of ``intermediate_size`` instead.
 
 The fields after ``eos_token_id`` are not architecture: they choose how the
 model runs (dtypes, rematerialisation, layer scan, attention kernel, LoRA
@@ -110,6 +111,7 @@ class ModelConfig:
     moe_intermediate_size: int = 0  # each expert's MLP width
     norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1 (mixtral: always)
     router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss in training (config.json's)
+    dense_mlp_layers: tuple[int, ...] = ()  # layers of a MoE model with a dense MLP (Qwen3-MoE's mlp_only_layers)
     moe_impl: str = "ragged"  # how to run, not config.json: ragged (grouped matmul) | planned (dry-run stand-in)
     initializer_range: float = 0.02
     checkpoint_dtype: str | None = None  # the weights' dtype in the HF checkpoint ("bfloat16", ...)
@@ -167,6 +169,13 @@ class ModelConfig:
     def base_param_dtype(self) -> str:
         """Storage dtype of the base parameters: the master weights' dtype, or with LoRA (base frozen) the compute dtype."""
         return self.param_dtype if self.lora is None else self.dtype
+
+    def layer_stacks(self) -> dict[str, tuple[int, ...]]:
+        """The layers each stack of layer parameters (a ``Decoder`` attribute) holds, in order: ``layers``, and
+        for a MoE model with dense layers ``dense_layers`` (``layers`` then holds the MoE layers)."""
+        dense = set(self.dense_mlp_layers)
+        stacks = {"layers": tuple(i for i in range(self.num_layers) if i not in dense)}
+        return {**stacks, "dense_layers": self.dense_mlp_layers} if dense else stacks
 
     def layer_windows(self) -> tuple[int | None, ...]:
         """Attention window of each layer (a query sees keys less than this many tokens back), None = unlimited."""

@@ -14,7 +14,9 @@ Interface for a trainer::
 - Parameters are stored in ``config.param_dtype`` and cast to ``config.dtype``
   for compute; RMSNorm statistics and RoPE angles are computed in float32.
 - All layers' parameters are stacked on a leading ``layers`` axis
-  (``model.layers`` is one ``Block`` holding ``num_layers`` of everything), so
+  (``model.layers`` is one ``Block`` holding ``num_layers`` of everything; a
+  Qwen3-MoE with dense layers keeps those in ``model.dense_layers`` and its MoE
+  layers in ``model.layers``, ``config.layer_stacks()`` says which), so
   the parameter layout does not depend on how the layers run:
   ``config.scan_layers`` runs them with ``lax.scan`` (compile time independent
   of depth) or unrolled, and ``config.remat`` wraps each layer in
@@ -98,7 +100,11 @@ class Decoder(nnx.Module):
         self.config = config
         v, d, normal = config.vocab_size, config.hidden_size, normal_initializer(config)
         self.embed = param(normal, rngs, (v, d), ("vocab", "embed"), config, decay_group="embedding")
-        self.layers = Block(config, stack=(config.num_layers,), rngs=rngs)
+        stacks = config.layer_stacks()
+        self.layers = Block(config, stack=(len(stacks["layers"]),), rngs=rngs)
+        self.dense_layers = (
+            Block(config, stack=(len(stacks["dense_layers"]),), rngs=rngs, moe=False) if "dense_layers" in stacks else None
+        )
         self.final_norm = RMSNorm(config.hidden_size, config, stack=(), rngs=rngs)
         self.lm_head = (
             None
@@ -217,26 +223,36 @@ class Decoder(nnx.Module):
         router statistic ``[layers, ...]`` (a scanned output; dense: None).
 
         ``base`` holds the kernel, the dense mask and the segment ids. With a
-        dense kernel every layer runs in one scan, its window (a mask over
-        ``query_index`` ``[T]`` x ``key_index`` ``[S]``) and its choice of RoPE
-        table riding along as per-layer values. A flash kernel's window is
-        static, so layers that differ run as repeating groups
-        (``attention.layer_groups``), one repetition of the pattern per scan step.
+        dense kernel and one stack of layer parameters every layer runs in one
+        scan, its window (a mask over ``query_index`` ``[T]`` x ``key_index``
+        ``[S]``) and its choice of RoPE table riding along as per-layer values.
+        A flash kernel's window is static, and a layer's parameter stack
+        (``layers`` or ``dense_layers``) is structure, so layers that differ run
+        as repeating groups (``attention.layer_groups``), one repetition of the
+        pattern per scan step.
         """
         config = self.config
-        graphdef, stacked = nnx.split(self.layers)
+        parts = {False: self.layers} if self.dense_layers is None else {False: self.layers, True: self.dense_layers}
+        graphdefs, stacks = {}, {}
+        for dense, module in parts.items():  # keyed by LayerKind.dense_mlp
+            graphdefs[dense], stacks[dense] = nnx.split(module)
         rngs = None if rng is None else jax.random.split(rng, config.num_layers)
         kinds = attention.layer_kinds(config, base.impl)
+        # Each layer's index in its stack: the number of earlier layers of that stack.
+        in_stack = [sum(k.dense_mlp == kind.dense_mlp for k in kinds[:i]) for i, kind in enumerate(kinds)]
         remat = functools.partial(jax.checkpoint, prevent_cse=not config.scan_layers)  # scan: CSE cannot undo it
 
-        def make_layer(kind: attention.LayerKind | None, position: int | None = None):
+        def make_layer(kind: attention.LayerKind | None, position: int | None = None, sub: int | None = None):
             """``(x, xs) -> (x, cache)`` for one layer of ``kind`` (None: a dense layer whose xs carry its window
-            and RoPE choice). With ``position``, ``xs`` holds a whole scan step's pattern and the layer takes its
-            slice inside the remat: slices taken outside it would be residuals that the scan stacks."""
+            and RoPE choice). With ``position``, ``xs`` holds a whole scan step's pattern (the stacks' parameters
+            by stack, caches and keys by layer) and the layer takes its slice (``sub`` in its stack) inside the
+            remat: slices taken outside it would be residuals that the scan stacks."""
 
             def layer(x, xs):
                 if position is not None:
-                    xs = jax.tree.map(lambda a: a[position], xs)
+                    states, caches, keys = xs
+                    xs = (jax.tree.map(lambda a: a[sub], states[kind.dense_mlp]),
+                          *jax.tree.map(lambda a: a[position], (caches, keys)))  # fmt: skip
                 state, layer_cache, layer_rng, window, local = (*xs, None, None)[:5]
                 if kind is None:  # dense layers share one kernel; window and RoPE choice are per-layer values
                     impl = kinds[0].impl
@@ -252,7 +268,7 @@ class Decoder(nnx.Module):
                     call = AttentionCall(impl, mask=mask)
                 else:
                     call = AttentionCall(impl, segment_ids=base.segment_ids, window=window)
-                block = nnx.merge(graphdef, state)
+                block = nnx.merge(graphdefs[kind is not None and kind.dense_mlp], state)
                 y, layer_cache, stats = block(x, cos, sin, call, layer_cache, cache_index, layer_rng, token_mask)
                 return self._between_layers(y), (layer_cache, stats)
 
@@ -261,40 +277,54 @@ class Decoder(nnx.Module):
         def stack(outputs):  # per-layer (cache, router stats) -> [layers, ...] (None stays None)
             return jax.tree.map(lambda *a: jnp.stack(a), *outputs)
 
-        per_layer = (stacked, kv_cache, rngs)
+        def take(tree, lo, hi, size):  # layers lo .. hi of a stack of ``size`` (no slice when that is all of it)
+            return tree if (lo, hi) == (0, size) else jax.tree.map(lambda a: a[lo:hi], tree)
+
         if not config.scan_layers:  # unrolled: every layer's kind is static
             outputs = []
             for i, kind in enumerate(kinds):
-                x, out = make_layer(kind)(x, jax.tree.map(lambda a: a[i], per_layer))
+                state = jax.tree.map(lambda a: a[in_stack[i]], stacks[kind.dense_mlp])
+                x, out = make_layer(kind)(x, (state, *jax.tree.map(lambda a: a[i], (kv_cache, rngs))))
                 outputs.append(out)
             return x, *stack(outputs)
-        if all(kind.impl in attention.DENSE for kind in kinds):
+        if len(stacks) == 1 and all(kind.impl in attention.DENSE for kind in kinds):
             windows = [kind.window for kind in kinds]
             window_array = None
             if any(w is not None for w in windows):
                 window_array = jnp.asarray([_NO_WINDOW if w is None else w for w in windows], jnp.int32)
             local_array = jnp.asarray([kind.local_rope for kind in kinds]) if len(ropes) > 1 else None
-            x, (caches, stats) = jax.lax.scan(make_layer(None), x, (*per_layer, window_array, local_array))
+            x, (caches, stats) = jax.lax.scan(make_layer(None), x, (stacks[False], kv_cache, rngs, window_array,
+                                                                    local_array))  # fmt: skip
             return x, caches, stats
+        sizes = {dense: sum(k.dense_mlp == dense for k in kinds) for dense in stacks}
         groups = []
         for group in attention.layer_groups(kinds):
             period, stop = len(group.kinds), group.start + group.repeats * len(group.kinds)
-            xs = per_layer if (group.start, stop) == (0, config.num_layers) else jax.tree.map(
-                lambda a: a[group.start : stop], per_layer
-            )
+            per_layer = take((kv_cache, rngs), group.start, stop, config.num_layers)
+            # This group's layers of each stack: a contiguous run of it, ``count`` per repetition.
+            counts = {dense: sum(k.dense_mlp == dense for k in group.kinds) for dense in stacks}
+            states = {}
+            for dense, count in counts.items():
+                if count:
+                    first = next(in_stack[i] for i in range(group.start, stop) if kinds[i].dense_mlp == dense)
+                    states[dense] = take(stacks[dense], first, first + count * group.repeats, sizes[dense])
             if period == 1:  # one layer per step: scan the stacks as they are
-                x, group_out = jax.lax.scan(make_layer(group.kinds[0]), x, xs)
+                kind = group.kinds[0]
+                x, group_out = jax.lax.scan(make_layer(kind), x, (states[kind.dense_mlp], *per_layer))
             else:
-                xs = jax.tree.map(lambda a: a.reshape(group.repeats, period, *a.shape[1:]), xs)
+                states = {d: jax.tree.map(lambda a, c=counts[d]: a.reshape(group.repeats, c, *a.shape[1:]), v)
+                          for d, v in states.items()}  # fmt: skip
+                per_layer = jax.tree.map(lambda a: a.reshape(group.repeats, period, *a.shape[1:]), per_layer)
+                subs = [sum(k.dense_mlp == kind.dense_mlp for k in group.kinds[:j]) for j, kind in enumerate(group.kinds)]
 
-                def step(x, xs, kinds=group.kinds):
+                def step(x, xs, kinds=group.kinds, subs=subs):
                     outputs = []
                     for j, kind in enumerate(kinds):
-                        x, out = make_layer(kind, j)(x, xs)
+                        x, out = make_layer(kind, j, subs[j])(x, xs)
                         outputs.append(out)
                     return x, stack(outputs)
 
-                x, group_out = jax.lax.scan(step, x, xs)
+                x, group_out = jax.lax.scan(step, x, (states, *per_layer))
                 group_out = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), group_out)
             groups.append(group_out)
         return x, *(groups[0] if len(groups) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *groups))

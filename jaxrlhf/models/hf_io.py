@@ -68,8 +68,13 @@ def _entries(config: ModelConfig, state: nnx.State, prefix: str = "model.") -> l
     """The name-map entries for the parameters this config's model has, paired with its Variables (``prefix``:
     where the checkpoint keeps the ``model.`` tensors)."""
     variables = dict(nnx.to_flat_state(state))
+    stacks = config.layer_stacks()
     table = [
-        dataclasses.replace(entry, hf=prefix + entry.hf.removeprefix("model.")) if entry.hf.startswith("model.") else entry
+        dataclasses.replace(
+            entry,
+            hf=prefix + entry.hf.removeprefix("model.") if entry.hf.startswith("model.") else entry.hf,
+            layer_ids=stacks.get(entry.ours[0], ()),
+        )
         for entry in HF_NAME_MAPS[config.model_type]
     ]
     entries = [(entry, variables[entry.ours]) for entry in table if entry.ours in variables]
@@ -85,7 +90,7 @@ def _hf_names(entry: TensorMap, variable: nnx.Variable) -> list[tuple[str, tuple
         return moe_io.expert_hf_names(entry, variable)
     if entry.stacked:
         shape = entry.hf_shape(variable.shape[1:])
-        return [(entry.hf.format(i=i), shape) for i in range(variable.shape[0])]
+        return [(entry.name(j), shape) for j in range(variable.shape[0])]
     return [(entry.hf, entry.hf_shape(variable.shape))]
 
 
@@ -149,7 +154,7 @@ def _reader(entry: TensorMap, shape: tuple[int, ...], dtype: np.dtype, checkpoin
                 block_shape = [len(range(size)[s]) for size, s in zip(shape, index)]
                 block = np.empty(block_shape, dtype)
                 for j, i in enumerate(layers):  # converted layer by layer straight into the block
-                    block[j] = entry.to_ours(checkpoint.tensor(entry.hf.format(i=i)), shape[1:])[index[1:]]
+                    block[j] = entry.to_ours(checkpoint.tensor(entry.name(i)), shape[1:])[index[1:]]
                 cache[key] = block
             else:
                 cache[key] = np.asarray(entry.to_ours(checkpoint.tensor(entry.hf), shape)[index], dtype=dtype)
@@ -232,20 +237,24 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 
 def _hf_tensors(entries, dtype: np.dtype) -> Iterator[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
-    """(name, shape, fetch) for every HF tensor: the unstacked parameters, then layer by layer."""
-    stacked = [(entry, v) for entry, v in entries if entry.stacked]
+    """(name, shape, fetch) for every HF tensor: the unstacked parameters, then layer by layer (in HF order,
+    each layer from its stack)."""
+    by_layer: dict[int, list] = {}
     for entry, v in entries:
         if not entry.stacked:
             yield entry.hf, entry.hf_shape(v.shape), lambda e=entry, v=v: e.to_hf(to_host(v[...].astype(dtype)))
-    for i in range(stacked[0][1].shape[0]):
-        for entry, v in stacked:
+            continue
+        for j in range(v.shape[0]):
+            by_layer.setdefault(entry.layer_ids[j] if entry.layer_ids else j, []).append((entry, v, j))
+    for layer in sorted(by_layer):
+        for entry, v, j in by_layer[layer]:
             if entry.experts:
-                yield from moe_io.expert_tensors(entry, v, i, dtype, to_host)
+                yield from moe_io.expert_tensors(entry, v, j, dtype, to_host)
                 continue
             yield (
-                entry.hf.format(i=i),
+                entry.name(j),
                 entry.hf_shape(v.shape[1:]),
-                lambda e=entry, v=v, i=i: e.to_hf(to_host(_layer_slice(v[...], jnp.int32(i), dtype))),
+                lambda e=entry, v=v, j=j: e.to_hf(to_host(_layer_slice(v[...], jnp.int32(j), dtype))),
             )
 
 

@@ -7,7 +7,9 @@ kernels are ``[in..., out...]`` with heads split out (``q_proj``: ``[D, H, hd]``
 MoE experts are fused in memory on an ``expert`` axis (``gate_proj`` ``[E, D, F]``)
 and saved per expert, as transformers saves them (``mlp.experts.{e}.gate_proj.weight``,
 Mixtral's ``block_sparse_moe.experts.{e}.w1.weight``): a ``TensorMap`` with
-``experts`` set names one HF tensor per layer and expert (``{e}``).
+``experts`` set names one HF tensor per layer and expert (``{e}``). A model's
+stacks of layers (``ModelConfig.layer_stacks``) need not hold every layer: the
+HF layer of each entry of a stack is ``TensorMap.layer_ids``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["HF_NAME_MAPS", "TensorMap"]
+__all__ = ["HF_NAME_MAPS", "LAYER_STACKS", "TensorMap"]
+
+LAYER_STACKS = ("layers", "dense_layers")  # Decoder attributes holding stacked layers (ModelConfig.layer_stacks)
 
 @dataclasses.dataclass(frozen=True)
 class TensorMap:
@@ -33,11 +37,18 @@ class TensorMap:
     layout: str = "same"
     in_dims: int = 1
     experts: bool = False  # ours [layers, E, ...]: one HF tensor per layer and expert ({e} in hf)
+    layer_ids: tuple[int, ...] = ()  # the HF layer of each entry of our stack (set by hf_io; () = 0, 1, ...)
 
     @property
     def stacked(self) -> bool:
-        """True for the layer parameters, which carry a leading ``num_layers`` axis on our side."""
-        return self.ours[0] == "layers"
+        """True for the layer parameters, which carry a leading layer axis (one entry per layer of their stack)."""
+        return self.ours[0] in LAYER_STACKS
+
+    def name(self, layer: int | None = None, expert: int | None = None) -> str:
+        """The HF name of entry ``layer`` of our stack (and of ``expert``)."""
+        if layer is None:
+            return self.hf
+        return self.hf.format(i=self.layer_ids[layer] if self.layer_ids else layer, e=expert)
 
     def hf_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         """HF shape of one tensor, given our (per-layer) shape."""
@@ -115,5 +126,7 @@ def _moe_table(block: str, router: str, names: tuple[str, str, str]) -> tuple[Te
     )
 
 
-HF_NAME_MAPS["qwen3_moe"] = _moe_table("mlp", "gate", ("gate_proj", "up_proj", "down_proj"))
+# Qwen3-MoE's dense layers (Decoder.dense_layers) are named as Qwen3's layers.
+_DENSE_LAYERS = tuple(dataclasses.replace(e, ours=("dense_layers", *e.ours[1:])) for e in _LLAMA_FAMILY if e.stacked)
+HF_NAME_MAPS["qwen3_moe"] = _moe_table("mlp", "gate", ("gate_proj", "up_proj", "down_proj")) + _DENSE_LAYERS
 HF_NAME_MAPS["mixtral"] = _moe_table("block_sparse_moe", "gate", ("w1", "w3", "w2"))

@@ -103,9 +103,18 @@ def add_adapters(model: Decoder, config: ModelConfig, *, seed: int = 0, mesh=Non
     return lora_model
 
 
-def _adapters(model: Decoder) -> dict[str, lora.Adapter]:
-    layers = model.layers
-    return {t: getattr(getattr(layers, _block(t)), f"{t}_lora") for t in model.config.lora.targets}
+def _stacks(model: Decoder) -> list[tuple[object, tuple[int, ...]]]:
+    """Each stack of layers (a ``Block``) with the layer index of each of its entries."""
+    return [(getattr(model, name), ids) for name, ids in model.config.layer_stacks().items()]
+
+
+def _adapters(model: Decoder) -> list[tuple[str, lora.Adapter, tuple[int, ...]]]:
+    """(target, its adapters in one stack, the layer of each of their entries), stack by stack."""
+    return [
+        (t, getattr(getattr(block, _block(t)), f"{t}_lora"), ids)
+        for block, ids in _stacks(model)
+        for t in model.config.lora.targets
+    ]
 
 
 def _peft_names(target: str, layer: int) -> tuple[str, str]:
@@ -119,12 +128,12 @@ def save_peft_adapter(model: Decoder, config: ModelConfig, folder: str | os.Path
     if spec is None:
         raise ValueError("save_peft_adapter needs a model with LoRA adapters (model.lora)")
     tensors = {}
-    for target, adapter in _adapters(model).items():
+    for target, adapter, layer_ids in _adapters(model):
         a, b = to_host(adapter.a[...].astype(jnp.float32)), to_host(adapter.b[...].astype(jnp.float32))
-        for i in range(config.num_layers):
+        for j, i in enumerate(layer_ids):
             a_name, b_name = _peft_names(target, i)
-            tensors[a_name] = np.ascontiguousarray(a[i].reshape(-1, spec.rank).T)
-            tensors[b_name] = np.ascontiguousarray(b[i].reshape(spec.rank, -1).T)
+            tensors[a_name] = np.ascontiguousarray(a[j].reshape(-1, spec.rank).T)
+            tensors[b_name] = np.ascontiguousarray(b[j].reshape(spec.rank, -1).T)
     if jax.process_index() != 0:
         return
     folder = pathlib.Path(folder)
@@ -190,10 +199,10 @@ def load_peft_adapter(model: Decoder, folder: str | os.PathLike, *, key: str = "
     file = SafetensorsFile(path)  # ours, not safetensors.numpy: that cannot read the bf16 adapters peft often saves
     stripped = {name.replace(".default.", "."): file.tensor(name) for name in file.header}
     expected, problems = set(), []
-    for target, adapter in _adapters(model).items():
+    for target, adapter, layer_ids in _adapters(model):
         a_shape, b_shape = adapter.a.shape, adapter.b.shape
         a_rows, b_rows = [], []
-        for i in range(config.num_layers):
+        for i in layer_ids:
             a_name, b_name = _peft_names(target, i)
             expected |= {a_name, b_name}
             a_want, b_want = (config.lora.rank, int(np.prod(a_shape[1:-1]))), (int(np.prod(b_shape[2:])), config.lora.rank)
@@ -254,13 +263,15 @@ def merge_lora(model: Decoder, config: ModelConfig, *, dtype=None) -> tuple[Deco
     for path, variable in nnx.to_flat_state(nnx.state(merged)):
         if path[-1] not in lora.TARGETS:
             variable.set_value(source[path][...])
-    for name in lora.TARGETS:
-        parent = getattr(model.layers, _block(name))
-        kernel, adapter = getattr(parent, name), getattr(parent, f"{name}_lora", None)
-        quantized = isinstance(kernel, lora.QuantizedKernel)
-        weight = (kernel.codes[...], kernel.scales[...]) if quantized else kernel[...]
-        a, b = (None, None) if adapter is None else (adapter.a[...], adapter.b[...])
-        scaling = config.lora.scaling if config.lora is not None else 0.0
-        w = _merged_kernel(weight, a, b, qtype=kernel.qtype if quantized else "none", scaling=scaling, dtype=dtype)
-        getattr(getattr(merged.layers, _block(name)), name).set_value(w)
+    for stack in config.layer_stacks():
+        for name in lora.TARGETS:
+            parent = getattr(getattr(model, stack), _block(name))
+            kernel, adapter = getattr(parent, name), getattr(parent, f"{name}_lora", None)
+            quantized = isinstance(kernel, lora.QuantizedKernel)
+            weight = (kernel.codes[...], kernel.scales[...]) if quantized else kernel[...]
+            a, b = (None, None) if adapter is None else (adapter.a[...], adapter.b[...])
+            scaling = config.lora.scaling if config.lora is not None else 0.0
+            qtype = kernel.qtype if quantized else "none"
+            w = _merged_kernel(weight, a, b, qtype=qtype, scaling=scaling, dtype=dtype)
+            getattr(getattr(getattr(merged, stack), _block(name)), name).set_value(w)
     return merged, plain

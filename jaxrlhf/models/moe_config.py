@@ -20,6 +20,8 @@ def check_moe(config) -> None:
     if config.moe_impl not in MOE_IMPLS:
         raise ValueError(f"unsupported moe_impl {config.moe_impl!r}; supported: {', '.join(MOE_IMPLS)}")
     if not config.is_moe:
+        if config.dense_mlp_layers:
+            raise ValueError(f"dense_mlp_layers={list(config.dense_mlp_layers)} needs a MoE model (num_experts > 0)")
         return
     if not 0 < config.num_experts_per_tok <= config.num_experts:
         raise ValueError(
@@ -27,6 +29,13 @@ def check_moe(config) -> None:
         )
     if config.moe_intermediate_size <= 0:
         raise ValueError(f"moe_intermediate_size={config.moe_intermediate_size} must be > 0 with num_experts > 0")
+    dense = config.dense_mlp_layers
+    if list(dense) != sorted(set(dense)) or not all(0 <= i < config.num_layers for i in dense):
+        raise ValueError(f"dense_mlp_layers={list(dense)} must be distinct layer indices 0..{config.num_layers - 1}, ascending")
+    if len(dense) == config.num_layers:
+        raise ValueError(f"dense_mlp_layers: all {config.num_layers} layers are dense; a MoE model needs one MoE layer")
+    if dense and config.model_type != "qwen3_moe":
+        raise ValueError(f"dense_mlp_layers={list(dense)}: only qwen3_moe has dense layers among its MoE layers")
     if config.weight_qtype != "none":
         raise ValueError(f"model.lora.weight_qtype {config.weight_qtype}: the experts of a MoE model are not quantized")
     adapted = sorted({"gate_proj", "up_proj", "down_proj"} & set(config.lora.targets if config.lora else ()))
@@ -41,20 +50,21 @@ def parse_moe(model_type: str, hf: Mapping[str, Any], num_layers: int) -> dict[s
     """The ModelConfig fields of a MoE config.json (none for a dense one), with the transformers defaults.
 
     The expert count is ``num_experts`` on the Hub's Qwen3-MoE configs and
-    ``num_local_experts`` as transformers 5 writes both. Layers are stacked with
-    one structure, so every layer must be a MoE layer: ``decoder_sparse_step`` 1
-    and no ``mlp_only_layers`` (true of every released Qwen3-MoE).
+    ``num_local_experts`` as transformers 5 writes both. Qwen3-MoE's dense
+    layers are transformers' rule: layer i is a MoE layer when it is not in
+    ``mlp_only_layers`` and ``(i + 1) % decoder_sparse_step == 0`` (both, not
+    either: its docstring says otherwise, its code does this); the others get a
+    dense MLP of ``intermediate_size``.
     """
     if model_type not in MOE_TYPES:
         return {}
     experts = hf.get("num_local_experts", hf.get("num_experts", 128 if model_type == "qwen3_moe" else 8))
-    dense = sorted(set(hf.get("mlp_only_layers") or ()))
-    step = hf.get("decoder_sparse_step", 1)
-    if dense or step != 1:
-        raise ValueError(
-            f"{model_type} with dense layers (decoder_sparse_step={step}, mlp_only_layers={dense}) is not supported: "
-            f"every one of the {num_layers} layers must be a MoE layer"
-        )
+    dense: tuple[int, ...] = ()
+    if model_type == "qwen3_moe":
+        step, only = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or ())
+        if not isinstance(step, int) or step < 1:
+            raise ValueError(f"decoder_sparse_step={step!r} must be an integer >= 1")
+        dense = tuple(i for i in range(num_layers) if i in only or (i + 1) % step != 0)
     width = hf.get("moe_intermediate_size", 768) if model_type == "qwen3_moe" else hf["intermediate_size"]
     return dict(
         num_experts=experts,
@@ -62,6 +72,7 @@ def parse_moe(model_type: str, hf: Mapping[str, Any], num_layers: int) -> dict[s
         moe_intermediate_size=width,
         norm_topk_prob=model_type == "mixtral" or bool(hf.get("norm_topk_prob", False)),
         router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+        dense_mlp_layers=dense,
     )
 
 
@@ -85,8 +96,8 @@ def moe_to_hf(config) -> dict[str, Any]:
             num_experts=config.num_experts,  # the Hub's spelling, for tools that read it
             moe_intermediate_size=config.moe_intermediate_size,
             norm_topk_prob=config.norm_topk_prob,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
+            decoder_sparse_step=1,  # the dense layers are all listed instead
+            mlp_only_layers=list(config.dense_mlp_layers),
             attention_bias=config.o_bias,
             use_sliding_window=config.sliding_window is not None,
         )

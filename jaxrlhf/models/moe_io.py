@@ -23,7 +23,7 @@ def expert_hf_names(entry, variable: nnx.Variable) -> list[tuple[str, tuple[int,
     """(HF name, HF shape) of every layer's and expert's tensor behind one fused parameter."""
     layers, experts, *shape = variable.shape
     hf_shape = entry.hf_shape(shape)
-    return [(entry.hf.format(i=i, e=e), hf_shape) for i in range(layers) for e in range(experts)]
+    return [(entry.name(j, e), hf_shape) for j in range(layers) for e in range(experts)]
 
 
 def expert_block(entry, shape, index, dtype, checkpoint) -> np.ndarray:
@@ -31,7 +31,7 @@ def expert_block(entry, shape, index, dtype, checkpoint) -> np.ndarray:
     block = np.empty([len(range(size)[s]) for size, s in zip(shape, index)], dtype)
     for j, i in enumerate(range(shape[0])[index[0]]):
         for k, e in enumerate(range(shape[1])[index[1]]):
-            block[j, k] = entry.to_ours(checkpoint.tensor(entry.hf.format(i=i, e=e)), shape[2:])[index[2:]]
+            block[j, k] = entry.to_ours(checkpoint.tensor(entry.name(i, e)), shape[2:])[index[2:]]
     return block
 
 
@@ -42,10 +42,10 @@ def _expert_slice(stacked: jax.Array, layer: jax.Array, expert: jax.Array, dtype
 
 
 def expert_tensors(entry, v: nnx.Variable, i: int, dtype: np.dtype, to_host):
-    """(name, shape, fetch) of layer ``i``'s experts of one fused parameter (``to_host``: gathers a device array)."""
+    """(name, shape, fetch) of stack entry ``i``'s experts of one fused parameter (``to_host``: gathers a device array)."""
     for e in range(v.shape[1]):
         yield (
-            entry.hf.format(i=i, e=e),
+            entry.name(i, e),
             entry.hf_shape(v.shape[2:]),
             lambda e=e: entry.to_hf(to_host(_expert_slice(v[...], jnp.int32(i), jnp.int32(e), dtype))),
         )

@@ -26,7 +26,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["ROUTER_STATS", "grouped_mlp", "planned_ragged_dot", "route", "router_losses", "router_stats"]
+__all__ = [
+    "ROUTER_STATS", "grouped_mlp", "no_router_stats", "planned_ragged_dot", "route", "router_losses", "router_stats",
+]
 
 # Per MoE layer, summed over the (unmasked) tokens: top-k assignments per expert, routing probability per
 # expert, the squared log-partition of the router logits, and the number of tokens.
@@ -55,6 +57,12 @@ def router_stats(logits: jax.Array, experts: jax.Array, probs: jax.Array, mask: 
         "z": jnp.sum(mask * z * z),
         "tokens": jnp.sum(mask),
     }
+
+
+def no_router_stats(num_experts: int) -> dict[str, jax.Array]:
+    """``ROUTER_STATS`` of a layer without a router (zeros: sums over layers then count the MoE layers only)."""
+    return {"counts": jnp.zeros((num_experts,)), "probs": jnp.zeros((num_experts,)), "z": jnp.zeros(()),
+            "tokens": jnp.zeros(())}  # fmt: skip
 
 
 def router_losses(stats: dict[str, jax.Array], *, num_experts: int) -> dict[str, jax.Array]:
