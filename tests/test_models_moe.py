@@ -212,11 +212,13 @@ def test_grouped_matmul_equals_a_dense_one_hot_layer_and_shards_add_up():
     np.testing.assert_allclose(np.asarray(sum(shards)), dense, rtol=1e-4, atol=1e-4)
 
 
-def test_expert_parallel_forward_and_router_stats_match_transformers(zoo):
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3_moe_dense"])
+def test_expert_parallel_forward_and_router_stats_match_transformers(zoo, variant):
     """On fsdp 4 x tensor 2: experts split by the expert axis over fsdp (2 of 8 per device) and their width
-    over tensor; the compiled forward exchanges tokens (all-gather, reduce-scatter) and matches transformers."""
+    over tensor; the compiled forward exchanges tokens (all-gather, reduce-scatter) and matches transformers
+    (qwen3_moe_dense: with dense layers between the MoE layers)."""
     mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
-    model, config = load_hf(zoo.folder("mixtral"), dtype=jnp.float32, mesh=mesh)
+    model, config = load_hf(zoo.folder(variant), dtype=jnp.float32, mesh=mesh)
     graphdef, params = nnx.split(model)
     specs = {"/".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(partition_specs(params, mesh))}
     for name in ("gate_proj", "up_proj", "down_proj"):
@@ -230,7 +232,7 @@ def test_expert_parallel_forward_and_router_stats_match_transformers(zoo):
         hlo = lowered.compile().as_text()
         token_lp, stats = forward(params, batch)
     assert "all-gather" in hlo and "reduce-scatter" in hlo
-    out = _hf_forward(zoo, "mixtral", batch)
+    out = _hf_forward(zoo, variant, batch)
     expected = reference_token_logprobs(out.logits.detach().double().numpy(), batch["tokens"]) * (
         batch["segment_ids"] > 0
     )
@@ -243,7 +245,7 @@ def test_expert_parallel_forward_and_router_stats_match_transformers(zoo):
         loss, grads, _ = jax.jit(lambda p, b: steps.sft_gradients(p, b, logprob_fn=logprob_fn, aux_loss=loss_spec))(
             params, batch
         )
-    out, expected = _hf_gradients(zoo, "mixtral", batch, loss_spec)
+    out, expected = _hf_gradients(zoo, variant, batch, loss_spec)
     _assert_layer_gradients(grads, expected, config)
 
 
@@ -307,7 +309,8 @@ def test_config_reads_both_expert_count_keys_and_places_dense_layers_as_transfor
         config_from_hf({**base, "num_experts": 6, "decoder_sparse_step": 0})
 
 
-def test_dry_run_splits_every_expert_tensor_by_expert_and_plans_the_grouped_matmuls(zoo, tmp_path):
+@pytest.mark.parametrize("variant", ["qwen3_moe", "qwen3_moe_dense"])
+def test_dry_run_splits_every_expert_tensor_by_expert_and_plans_the_grouped_matmuls(zoo, tmp_path, variant):
     """The SFT step of a MoE model (router losses included) plans on fsdp 8: every expert tensor split on its
     expert axis (one of 8 experts per device), the grouped matmuls planned with the stand-in."""
     from train_fixtures import sft_config
@@ -315,7 +318,7 @@ def test_dry_run_splits_every_expert_tensor_by_expert_and_plans_the_grouped_matm
     from jaxrlhf.data import asset_path
     from jaxrlhf.train.dry_run import plan
 
-    config = sft_config(tmp_path / "run", str(zoo.folder("qwen3_moe")), dry_run=True)
+    config = sft_config(tmp_path / "run", str(zoo.folder(variant)), dry_run=True)
     config.data.tokenizer, config.data.eval_fraction = str(asset_path("tokenizer")), 0.0
     experts = plan(config, "sft")["experts"]
     assert experts == {"tensors": 3, "axes": ["fsdp"], "per_device": 1, "num_experts": 8, "unsplit": [],

@@ -9,9 +9,9 @@ RoPE, and a Qwen3-MoE's in having a dense MLP or experts), so the decoder scans
 over *groups*: ``layer_groups`` cuts the layers into runs of a repeating pattern
 (Gemma 2: (sliding, global) x 21; Gemma 3: (5 x sliding, global) x 4, then 2
 sliding; Qwen3-MoE with ``decoder_sparse_step`` 2: (dense, MoE) x 24; Llama:
-(global) x 32), and one scan step
-runs one repetition of the pattern, each layer in it with its static kind. The
-number of scans depends on the pattern, not on the depth.
+(global) x 32), and one scan step runs one repetition of the pattern, each layer
+in it with its static kind. The number of scans depends on the pattern, not on
+the depth.
 Under a mesh the flash kernels run in ``shard_map``: rows over the batch axes,
 heads over the tensor axis (K/V repeated per query head when their heads do not
 split as the queries' do).

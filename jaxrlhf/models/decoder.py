@@ -102,9 +102,8 @@ class Decoder(nnx.Module):
         self.embed = param(normal, rngs, (v, d), ("vocab", "embed"), config, decay_group="embedding")
         stacks = config.layer_stacks()
         self.layers = Block(config, stack=(len(stacks["layers"]),), rngs=rngs)
-        self.dense_layers = (
-            Block(config, stack=(len(stacks["dense_layers"]),), rngs=rngs, moe=False) if "dense_layers" in stacks else None
-        )
+        dense = stacks.get("dense_layers")
+        self.dense_layers = None if dense is None else Block(config, stack=(len(dense),), rngs=rngs, moe=False)
         self.final_norm = RMSNorm(config.hidden_size, config, stack=(), rngs=rngs)
         self.lm_head = (
             None
@@ -315,7 +314,8 @@ class Decoder(nnx.Module):
                 states = {d: jax.tree.map(lambda a, c=counts[d]: a.reshape(group.repeats, c, *a.shape[1:]), v)
                           for d, v in states.items()}  # fmt: skip
                 per_layer = jax.tree.map(lambda a: a.reshape(group.repeats, period, *a.shape[1:]), per_layer)
-                subs = [sum(k.dense_mlp == kind.dense_mlp for k in group.kinds[:j]) for j, kind in enumerate(group.kinds)]
+                pattern = group.kinds
+                subs = [sum(k.dense_mlp == kind.dense_mlp for k in pattern[:j]) for j, kind in enumerate(pattern)]
 
                 def step(x, xs, kinds=group.kinds, subs=subs):
                     outputs = []

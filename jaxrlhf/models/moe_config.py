@@ -31,7 +31,9 @@ def check_moe(config) -> None:
         raise ValueError(f"moe_intermediate_size={config.moe_intermediate_size} must be > 0 with num_experts > 0")
     dense = config.dense_mlp_layers
     if list(dense) != sorted(set(dense)) or not all(0 <= i < config.num_layers for i in dense):
-        raise ValueError(f"dense_mlp_layers={list(dense)} must be distinct layer indices 0..{config.num_layers - 1}, ascending")
+        raise ValueError(
+            f"dense_mlp_layers={list(dense)} must be distinct layer indices 0..{config.num_layers - 1}, ascending"
+        )
     if len(dense) == config.num_layers:
         raise ValueError(f"dense_mlp_layers: all {config.num_layers} layers are dense; a MoE model needs one MoE layer")
     if dense and config.model_type != "qwen3_moe":

@@ -42,7 +42,8 @@ def _expert_slice(stacked: jax.Array, layer: jax.Array, expert: jax.Array, dtype
 
 
 def expert_tensors(entry, v: nnx.Variable, i: int, dtype: np.dtype, to_host):
-    """(name, shape, fetch) of stack entry ``i``'s experts of one fused parameter (``to_host``: gathers a device array)."""
+    """(name, shape, fetch) of stack entry ``i``'s experts of one fused parameter (``to_host``: gathers a device
+    array)."""
     for e in range(v.shape[1]):
         yield (
             entry.name(i, e),
