@@ -47,6 +47,18 @@ def test_gemma3_hub_keys_mean_what_transformers_reads_from_them():
     assert ours.query_pre_attn_scalar == 16 and ours.qk_norm and ours.tie_word_embeddings
 
 
+@pytest.mark.parametrize("context", [8192, None])
+def test_gemma3_llama3_global_rope_without_original_length_uses_the_context_length(context):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    hub = _gemma3_hub_dict(rope_scaling=scaling)
+    if context is not None:
+        hub["max_position_embeddings"] = context
+    filled = transformers.Gemma3TextConfig(**hub).rope_parameters["full_attention"]
+    ours = config_from_hf(hub).rope
+    assert ours.rope_type == "llama3"
+    assert ours.original_max_position_embeddings == filled["original_max_position_embeddings"]
+
+
 def test_gemma2_defaults_follow_gemma2config():
     hf = {k: v for k, v in hf_config("gemma2").to_dict().items() if k not in ("attn_logit_softcapping",
                                                                                   "final_logit_softcapping")}

@@ -50,7 +50,10 @@ def _parse_gemma3_ropes(hf: Mapping[str, Any]) -> tuple[RopeConfig, RopeConfig]:
     full.setdefault("rope_theta", hf.get("rope_theta", 1_000_000.0))
     local = dict(nested.get(SLIDING_ATTENTION) or {})
     local.setdefault("rope_theta", hf.get("rope_local_base_freq", 10_000.0))
-    return _rope_from_params(full, {}), _rope_from_params(local, {})
+    # A llama3 rope_scaling without original_max_position_embeddings falls back to the context length, as
+    # transformers' RoPE standardisation does (Gemma3TextConfig's default is 131072).
+    context = {"max_position_embeddings": hf.get("max_position_embeddings", 131072)}
+    return _rope_from_params(full, context), _rope_from_params(local, context)
 
 
 def _rope_from_params(params: Mapping[str, Any], hf: Mapping[str, Any]) -> RopeConfig:
