@@ -131,9 +131,12 @@ def test_layer_groups_repeat_each_pattern():
     ]
     assert layer_groups([f] * 3 + [s] * 5) == [LayerGroup(0, 3, (f,)), LayerGroup(3, 5, (s,))]  # qwen2's
     assert layer_groups([f]) == [LayerGroup(0, 1, (f,))]
-    # pallas_gpu has no soft cap: Gemma 2's layers all run xla (so one group), Gemma 3's keep the kernel
-    assert {kind.impl for kind in layer_kinds(preset("gemma2-2b"), "pallas_gpu")} == {"xla"}
-    assert {kind.impl for kind in layer_kinds(preset("gemma3-1b"), "pallas_gpu")} == {"xla", "pallas_gpu"}
+    # pallas_gpu has no soft cap or window: Gemma 2's layers all run blockwise (so one group), Gemma 3's global
+    # ones keep the kernel; cuDNN has no soft cap (Gemma 2: blockwise) but takes Gemma 3's windows as a mask.
+    assert {kind.impl for kind in layer_kinds(preset("gemma2-2b"), "pallas_gpu")} == {"blockwise"}
+    assert {kind.impl for kind in layer_kinds(preset("gemma3-1b"), "pallas_gpu")} == {"blockwise", "pallas_gpu"}
+    assert {kind.impl for kind in layer_kinds(preset("gemma2-2b"), "cudnn")} == {"blockwise"}
+    assert {kind.impl for kind in layer_kinds(preset("gemma3-1b"), "cudnn")} == {"cudnn"}
 
 
 def _lowered_size(num_layers: int) -> int:

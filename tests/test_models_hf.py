@@ -64,13 +64,14 @@ def test_logits_and_logprobs_match_transformers(zoo, tokens, variant):
 @pytest.mark.parametrize(
     "variant, attention_impl",
     [(v, "xla") for v in HF_VARIANTS] + [("qwen2", "splash"), ("qwen3", "pallas_gpu")]
-    + [("gemma2", "splash"), ("gemma2", "pallas_gpu"), ("gemma3", "splash")],
+    + [("gemma2", "splash"), ("gemma2", "pallas_gpu"), ("gemma3", "splash"), ("gemma3", "pallas_gpu")]
+    + [("qwen2", "blockwise")],
 )  # fmt: skip
 def test_packed_row_matches_transformers_run_separately(zoo, variant, attention_impl):
     """Two examples plus padding in one row: per-token log-probs equal each example's own HF run, with XLA's
     dense mask and with the flash kernels (interpret mode; qwen2 has biases and a sliding-window layer, qwen3
-    q/k norms; gemma2 soft-caps attention, which splash applies and pallas_gpu hands to xla, and gemma3 has
-    per-layer-type RoPE)."""
+    q/k norms; gemma2 soft-caps attention, which splash applies and pallas_gpu hands to blockwise, and gemma3
+    has per-layer-type RoPE and sliding layers, which pallas_gpu hands to blockwise)."""
     rng = np.random.default_rng(1)
     first, second = rng.integers(0, VOCAB, (1, 7)), rng.integers(0, VOCAB, (1, 6))
     row = np.concatenate([first, second, np.zeros((1, 3), np.int64)], axis=1).astype(np.int32)

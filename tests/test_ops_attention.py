@@ -1,4 +1,5 @@
-"""The flash attention kernels (interpret mode on CPU) against a float64 numpy reference, on packed rows.
+"""The flash attention kernels (Pallas ones in interpret mode on CPU; blockwise in plain JAX, also over several
+blocks) against a float64 numpy reference, on packed rows.
 
 Rows hold many short segments, one segment filling the row, or segments then
 padding (segment 0); queries are grouped 4:1 over keys; the sliding window is
@@ -24,6 +25,7 @@ from model_fixtures import tiny_config
 from jaxrlhf.models import init_model, make_logprob_fn
 from jaxrlhf.models.attention import AttentionCall, sharded_attend
 from jaxrlhf.ops import attention
+from jaxrlhf.ops.blockwise_attention import blockwise_attend, key_blocks
 from jaxrlhf.parallel.mesh import MeshConfig, make_mesh
 
 B, T, H, KV, D = 2, 40, 4, 1, 16
@@ -87,10 +89,10 @@ def _kernel_and_grads(impl, q, k, v, cotangent, segment_ids, window, scale=None,
     return np.asarray(out), [np.asarray(g) for g in grads]
 
 
-CASES = [(impl, row, None, None) for impl in ("splash", "pallas_gpu") for row in ROWS]
+CASES = [(impl, row, None, None) for impl in ("splash", "pallas_gpu", "blockwise") for row in ROWS]
 CASES += [("splash", "many_short_segments", 6, None), ("xla", "many_short_segments", 6, None)]
 # Gemma 2's layers: scale 1 / sqrt(24) (query_pre_attn_scalar) and scores capped at 0.7 (tanh well off linear).
-CASES += [(impl, "many_short_segments", window, 0.7) for impl in ("splash", "xla") for window in (None, 6)]
+CASES += [(impl, "many_short_segments", window, 0.7) for impl in ("splash", "xla", "blockwise") for window in (None, 6)]
 
 
 @pytest.mark.parametrize("impl, row, window, soft_cap", CASES)
@@ -107,6 +109,44 @@ def test_kernel_equals_float64_reference(impl, row, window, soft_cap):
         np.testing.assert_allclose(got, want, atol=5e-5)
 
 
+@pytest.mark.parametrize(
+    "block, row, window, soft_cap",
+    [(8, "many_short_segments", None, None), (8, "padding_at_the_end", 6, 0.7), (8, "one_segment_fills_the_row", 17, None),
+     (20, "many_short_segments", 6, None), (20, "padding_at_the_end", None, 0.7), (4, "many_short_segments", 4, None)],
+)  # fmt: skip
+def test_blockwise_over_several_blocks_equals_float64_reference(block, row, window, soft_cap):
+    """Rows of 40 in blocks of 4, 8 and 20: segments crossing blocks, windows ending inside a block and after
+    whole blocks (window 4 at block 4: two key blocks of ten), padding blocks, the cap's backward."""
+    q, k, v, cotangent = _inputs(seed=block)
+    segment_ids = np.asarray(ROWS[row], np.int32)
+    real = segment_ids != 0
+    cotangent = cotangent * real[:, :, None, None]
+    scale = 24**-0.5
+
+    def loss(q, k, v):
+        out = blockwise_attend(
+            q, k, v, jnp.asarray(segment_ids), window=window, scale=scale, soft_cap=soft_cap, block=block
+        )
+        return jnp.sum(out * cotangent), out
+
+    grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(
+        *(jnp.asarray(x, jnp.float32) for x in (q, k, v))
+    )
+    expected, *_ = _reference(q, k, v, segment_ids, window, scale, soft_cap)
+    np.testing.assert_allclose(np.asarray(out)[real], expected[real], atol=2e-5)
+    for got, want in zip(grads, _reference_grads(q, k, v, cotangent, segment_ids, window, scale, soft_cap)):
+        np.testing.assert_allclose(np.asarray(got), want, atol=5e-5)
+
+
+def test_blockwise_visits_only_key_blocks_with_visible_keys():
+    # Keys r blocks back are at least (r - 1) * block + 1 positions back: visible while that is < window.
+    for blocks, block, window in [(10, 8, 1), (10, 8, 2), (10, 8, 9), (10, 8, 10), (10, 8, 17), (10, 8, 18), (3, 8, 100)]:
+        brute = 1 + max(r for r in range(blocks) if (r - 1) * block + 1 < window)
+        assert key_blocks(blocks, block, window) == brute, (blocks, block, window)
+    assert key_blocks(10, 8, None) == 10
+    assert [attention.blockwise_block(n) for n in (5, 40, 128, 4096)] == [8, 40, 128, 128]
+
+
 @pytest.mark.parametrize("arguments", [{"window": 4}, {"soft_cap": 50.0}])
 def test_pallas_gpu_refuses_a_window_or_soft_cap(arguments):
     q, k, v, _ = (jnp.asarray(x, jnp.float32) for x in _inputs())
@@ -115,7 +155,8 @@ def test_pallas_gpu_refuses_a_window_or_soft_cap(arguments):
 
 
 @pytest.mark.parametrize(
-    "impl, kv_heads, packed", [("splash", 2, True), ("splash", 1, False), ("pallas_gpu", 1, True)]
+    "impl, kv_heads, packed",
+    [("splash", 2, True), ("splash", 1, False), ("pallas_gpu", 1, True), ("blockwise", 2, True), ("blockwise", 1, False)],
 )
 def test_kernel_under_shard_map_equals_unsharded(impl, kv_heads, packed):
     """Rows over data x fsdp, heads over tensor 2: 2 KV heads split with the queries, 1 is repeated per head."""
@@ -156,7 +197,7 @@ def _packed_step_temp_bytes(impl: str, length: int) -> int:
     return compiled.memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize("impl, most", [("splash", 2.5), ("pallas_gpu", 2.5)])
+@pytest.mark.parametrize("impl, most", [("splash", 2.5), ("pallas_gpu", 2.5), ("blockwise", 2.5)])
 def test_packed_row_memory_grows_about_linearly_with_a_flash_kernel(impl, most):
     dense = _packed_step_temp_bytes("xla", 2048) / _packed_step_temp_bytes("xla", 1024)
     flash = _packed_step_temp_bytes(impl, 2048) / _packed_step_temp_bytes(impl, 1024)

@@ -33,10 +33,10 @@ def test_optimizer_moments_are_sharded_like_their_parameters():
     assert any(spec != jax.sharding.PartitionSpec() for spec in param_specs)
 
 
-@pytest.mark.parametrize("attention_impl", ["xla", "splash"])
+@pytest.mark.parametrize("attention_impl", ["xla", "splash", "blockwise"])
 def test_dry_run_lists_the_largest_arrays(attention_impl):
     """Packed rows of 512: XLA's attention materialises [.., 512, 512] scores among the largest arrays of the
-    step; splash attention none at all."""
+    step; splash and blockwise attention none at all."""
     config = load_config(SftConfig, CONFIGS[0].parent / "demo_sft.yaml", [
         "--dry_run", "true", "--model.preset", "tiny", "--data.tokenizer", str(asset_path("tokenizer")),
         "--data.max_length", "512", "--model.attention_impl", attention_impl, "--dry_run_devices", "0",

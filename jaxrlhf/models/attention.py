@@ -3,8 +3,8 @@
 ``model.attention_impl`` names a kernel of ``jaxrlhf.ops.attention`` or ``auto``
 (resolved per call: splash on TPU; on GPU cuDNN for unpacked rows and the Pallas
 kernel for packed ones; xla on CPU). The dense kernels (xla, cudnn) take a mask
-built once per call, windowed per layer; the flash kernels (splash, pallas_gpu)
-take segment ids and a static window. Layers differ in window (and Gemma 3's in
+built once per call, windowed per layer; the flash kernels (splash, pallas_gpu,
+blockwise) take segment ids and a static window. Layers differ in window (and Gemma 3's in
 RoPE, and a Qwen3-MoE's in having a dense MLP or experts), so the decoder scans
 over *groups*: ``layer_groups`` cuts the layers into runs of a repeating pattern
 (Gemma 2: (sliding, global) x 21; Gemma 3: (5 x sliding, global) x 4, then 2
@@ -84,7 +84,8 @@ class LayerGroup(NamedTuple):
 
 def layer_kinds(config: ModelConfig, impl: str) -> list[LayerKind]:
     """Each layer's kind under kernel ``impl``. A window or soft cap the kernel cannot apply sends the layer to
-    xla (logged once); so does a soft cap under cuDNN, which has none."""
+    blockwise, flash attention in plain JAX whose memory grows linearly in T (logged once); so does a soft cap
+    under cuDNN."""
     soft_cap = config.attn_logit_softcapping
     kinds = []
     for i, window in enumerate(config.layer_windows()):
@@ -94,11 +95,11 @@ def layer_kinds(config: ModelConfig, impl: str) -> list[LayerKind]:
         else:
             cannot = not kernels.supports(impl, window=window, soft_cap=soft_cap)
         if cannot:
-            layer_impl = "xla"
+            layer_impl = "blockwise"
             if (impl, window, soft_cap) not in _warned:
                 _warned.add((impl, window, soft_cap))
                 _log.warning(
-                    "attention %s has no %s: layers with window %s and soft cap %s run xla",
+                    "attention %s has no %s: layers with window %s and soft cap %s run blockwise",
                     impl, "soft cap" if soft_cap is not None else "sliding window", window, soft_cap,
                 )  # fmt: skip
         local = config.local_rope is not None and window is not None

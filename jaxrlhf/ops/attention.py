@@ -22,7 +22,11 @@ mask and softmax).
   ``jax.nn.dot_product_attention``. Its dK/dV are wrong when K/V have fewer
   heads than Q (measured: errors as large as the values), so K/V are repeated
   per query head here; it has neither a sliding window nor a soft cap
-  (``supports``: such layers run xla instead).
+  (``supports``: such layers run blockwise instead).
+- ``blockwise``: flash attention in plain JAX (``ops.blockwise_attention``):
+  online softmax over key blocks and a recomputing VJP, segment ids, static
+  window and soft cap, memory ``T x block``. Any backend; on GPU the kernel of
+  the layers cuDNN and Pallas cannot take (a soft cap; a window on packed rows).
 
 On a CPU the Pallas kernels run in interpret mode (how the tests run them and how
 a dry run plans them). Rows are padded up to the kernels' block multiple with
@@ -38,11 +42,14 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-__all__ = ["IMPLEMENTATIONS", "attend", "dense_attend", "resolve", "segment_mask", "supports", "window_mask"]
+from jaxrlhf.ops.blockwise_attention import blockwise_attend
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "pallas_gpu")
+__all__ = ["IMPLEMENTATIONS", "attend", "blockwise_block", "dense_attend", "resolve", "segment_mask", "supports", "window_mask"]
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "pallas_gpu", "blockwise")
 _SPLASH_BLOCK = 128  # splash needs key blocks (and the dK/dV query block) in multiples of 128
 _GPU_BLOCK = 64
+_BLOCKWISE_BLOCK = 128  # per step [B, H, 128, span] scores; fewer, longer blocks trade memory for loop steps
 
 
 def resolve(impl: str, *, platform: str, packed: bool) -> str:
@@ -94,8 +101,10 @@ def attend(
         return _splash(q, k, v, segment_ids, window, scale, soft_cap)
     if impl == "pallas_gpu":
         if not supports(impl, window=window, soft_cap=soft_cap):
-            raise ValueError("pallas_gpu has no sliding window or soft cap: run those layers with xla")
+            raise ValueError("pallas_gpu has no sliding window or soft cap: run those layers with blockwise")
         return _pallas_gpu(q, k, v, segment_ids, scale)
+    if impl == "blockwise":
+        return _blockwise(q, k, v, segment_ids, window, scale, soft_cap)
     raise ValueError(f"unknown attention implementation {impl!r}; known: {', '.join(IMPLEMENTATIONS[1:])}")
 
 
@@ -181,4 +190,17 @@ def _pallas_gpu(q, k, v, segment_ids, scale):
     out = gpu_attention.mha(
         q, k, v, ids, sm_scale=scale, causal=True, block_sizes=sizes, interpret=_interpret()
     )
+    return out[:, :length]
+
+
+def blockwise_block(length: int) -> int:
+    """The query block of ``blockwise`` for rows of ``length``: 128, or the whole row (rounded up to 8) if shorter."""
+    return min(_BLOCKWISE_BLOCK, -(-length // 8) * 8)
+
+
+def _blockwise(q, k, v, segment_ids, window, scale, soft_cap):
+    length = q.shape[1]
+    block = blockwise_block(length)
+    (q, k, v), ids = _pad_rows((q, k, v), segment_ids, block)
+    out = blockwise_attend(q, k, v, ids, window=window, scale=scale, soft_cap=soft_cap, block=block)
     return out[:, :length]

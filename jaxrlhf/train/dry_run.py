@@ -208,13 +208,20 @@ def plan(config: TrainConfig, task: str) -> dict:
 
 def _attention_of_target(config: TrainConfig, task: str) -> TrainConfig:
     """On fake CPU devices, plan the attention kernel the target device would run (``auto`` resolved for it):
-    splash and pallas_gpu in interpret mode; cuDNN does not compile for CPU, so its layers plan XLA's."""
+    splash and pallas_gpu in interpret mode; cuDNN does not compile for CPU, so its layers plan XLA's, and
+    soft-capped ones (which cuDNN sends to blockwise) plan blockwise."""
     requested = config.model.attention_impl
     impl = attention_kernels.resolve(requested, platform=platform_of(config), packed=rows_are_packed(config, task))
     if impl == "cudnn":
-        # XLA's attention holds the [T, T] scores, so this overestimates.
-        print(f"dry run on CPU devices: attention {requested} -> cudnn -> xla (temporaries are an upper bound)")
-        impl = "xla"
+        capped = model_config_of(
+            config.model, config.model.path, param_dtype=config.model.param_dtype, tokenizer=config.data.tokenizer
+        ).attn_logit_softcapping is not None  # fmt: skip
+        if capped:  # every layer of a soft-capped model (Gemma 2) runs blockwise under cuDNN
+            print(f"dry run on CPU devices: attention {requested} -> cudnn -> blockwise (soft-capped layers)")
+            impl = "blockwise"
+        else:  # XLA's attention holds the [T, T] scores, so this overestimates.
+            print(f"dry run on CPU devices: attention {requested} -> cudnn -> xla (temporaries are an upper bound)")
+            impl = "xla"
     elif impl != requested:
         print(f"dry run on CPU devices: attention {requested} -> {impl} (interpret mode)")
     return dataclasses.replace(config, model=dataclasses.replace(config.model, attention_impl=impl))
