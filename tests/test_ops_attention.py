@@ -111,8 +111,9 @@ def test_kernel_equals_float64_reference(impl, row, window, soft_cap):
 
 @pytest.mark.parametrize(
     "block, row, window, soft_cap",
-    [(8, "many_short_segments", None, None), (8, "padding_at_the_end", 6, 0.7), (8, "one_segment_fills_the_row", 17, None),
-     (20, "many_short_segments", 6, None), (20, "padding_at_the_end", None, 0.7), (4, "many_short_segments", 4, None)],
+    [(8, "many_short_segments", None, None), (8, "padding_at_the_end", 6, 0.7),
+     (8, "one_segment_fills_the_row", 17, None), (20, "many_short_segments", 6, None),
+     (20, "padding_at_the_end", None, 0.7), (4, "many_short_segments", 4, None)],
 )  # fmt: skip
 def test_blockwise_over_several_blocks_equals_float64_reference(block, row, window, soft_cap):
     """Rows of 40 in blocks of 4, 8 and 20: segments crossing blocks, windows ending inside a block and after
@@ -140,7 +141,8 @@ def test_blockwise_over_several_blocks_equals_float64_reference(block, row, wind
 
 def test_blockwise_visits_only_key_blocks_with_visible_keys():
     # Keys r blocks back are at least (r - 1) * block + 1 positions back: visible while that is < window.
-    for blocks, block, window in [(10, 8, 1), (10, 8, 2), (10, 8, 9), (10, 8, 10), (10, 8, 17), (10, 8, 18), (3, 8, 100)]:
+    cases = [(10, 8, 1), (10, 8, 2), (10, 8, 9), (10, 8, 10), (10, 8, 17), (10, 8, 18), (3, 8, 100)]
+    for blocks, block, window in cases:
         brute = 1 + max(r for r in range(blocks) if (r - 1) * block + 1 < window)
         assert key_blocks(blocks, block, window) == brute, (blocks, block, window)
     assert key_blocks(10, 8, None) == 10
@@ -156,7 +158,8 @@ def test_pallas_gpu_refuses_a_window_or_soft_cap(arguments):
 
 @pytest.mark.parametrize(
     "impl, kv_heads, packed",
-    [("splash", 2, True), ("splash", 1, False), ("pallas_gpu", 1, True), ("blockwise", 2, True), ("blockwise", 1, False)],
+    [("splash", 2, True), ("splash", 1, False), ("pallas_gpu", 1, True), ("blockwise", 2, True),
+     ("blockwise", 1, False)],
 )
 def test_kernel_under_shard_map_equals_unsharded(impl, kv_heads, packed):
     """Rows over data x fsdp, heads over tensor 2: 2 KV heads split with the queries, 1 is repeated per head."""

@@ -7,6 +7,7 @@ import pathlib
 import jax
 import pytest
 from flax import nnx
+from model_fixtures import hf_config
 
 from jaxrlhf.config import load_config
 from jaxrlhf.data import asset_path
@@ -46,3 +47,19 @@ def test_dry_run_lists_the_largest_arrays(attention_impl):
     assert len(largest) == 5 and largest == sorted(largest, key=lambda a: -a["bytes"])
     scores = [a for a in largest if a["shape"].endswith(",512,512]")]
     assert bool(scores) == (attention_impl == "xla"), largest
+
+
+@pytest.mark.parametrize("variant, planned", [("gemma2", "blockwise"), ("llama3", "xla")])
+def test_a_gpu_dry_run_plans_soft_capped_cudnn_layers_as_blockwise(tmp_path, capsys, variant, planned):
+    """Padded rows on an H100 resolve to cuDNN, which does not compile for CPU: a soft-capped model's layers
+    run blockwise there (cuDNN has no cap) and are planned so; other models plan XLA's attention."""
+    folder = tmp_path / variant
+    folder.mkdir()
+    (folder / "config.json").write_text(hf_config(variant).to_json_string())
+    config = load_config(SftConfig, CONFIGS[0].parent / "demo_sft.yaml", [
+        "--dry_run", "true", "--model.path", str(folder), "--data.tokenizer", str(asset_path("tokenizer")),
+        "--data.packing", "none", "--model.attention_impl", "auto", "--dry_run_device", "h100",
+        "--dry_run_devices", "0", "--data.max_length", "64", "--data.batch_size", "8", "--data.eval_batch_size", "8",
+    ])  # fmt: skip
+    run_sft(config)
+    assert f"attention auto -> cudnn -> {planned}" in capsys.readouterr().out

@@ -91,7 +91,8 @@ class BenchConfig:
     """none | full | dots_with_no_batch_dims_saveable | dots_saveable | save_attention_out_mlp_in; anything but
     none turns on gradient checkpointing in PyTorch."""
     attention_impl: str = "xla"
-    """auto | xla | cudnn (GPU) | splash (TPU) | pallas_gpu: the kernel of every step but --measure attention's."""
+    """auto | xla | cudnn (GPU) | splash (TPU) | pallas_gpu | blockwise: the kernel of every step but --measure
+    attention's."""
     attention_impls: list[str] = dataclasses.field(default_factory=lambda: ["xla", "splash", "pallas_gpu"])
     """--measure attention: the kernels compared (on a GPU: xla, cudnn, pallas_gpu; a TPU: xla, splash)."""
     attention_lengths: list[int] = dataclasses.field(default_factory=lambda: [2048, 8192, 32768])

@@ -123,7 +123,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters (the master weights)
     remat: str = "none"  # per-layer rematerialisation: one of REMAT_POLICIES
     scan_layers: bool = True  # run the layers with lax.scan (compile time independent of depth)
-    attention_impl: str = "xla"  # auto | xla | cudnn | splash (TPU) | pallas_gpu: jaxrlhf.models.attention
+    attention_impl: str = "xla"  # auto | xla | cudnn | splash (TPU) | pallas_gpu | blockwise: models.attention
     sequence_parallel: bool = False  # residual stream split along the sequence over the tensor axis between blocks
     lora: LoraSpec | None = None  # LoRA adapters on the linear layers; the base is then frozen (models.lora)
     weight_qtype: str = "none"  # none | int8 | nf4: QLoRA's frozen base stored quantized (with lora)

@@ -44,7 +44,9 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from jaxrlhf.ops.blockwise_attention import blockwise_attend
 
-__all__ = ["IMPLEMENTATIONS", "attend", "blockwise_block", "dense_attend", "resolve", "segment_mask", "supports", "window_mask"]
+__all__ = [
+    "IMPLEMENTATIONS", "attend", "blockwise_block", "dense_attend", "resolve", "segment_mask", "supports", "window_mask"
+]  # fmt: skip
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "pallas_gpu", "blockwise")
 _SPLASH_BLOCK = 128  # splash needs key blocks (and the dK/dV query block) in multiples of 128
