@@ -16,8 +16,9 @@
 #              (remat full / gradient checkpointing) so that like is compared with like
 #   logprobs   the SFT step with the chunked LM head vs full [B, T, V] logits
 #   fit        the longest SFT sequence (batch 1) whose step fits the GPU, chunked and full logits
-#   packed     the packed-row SFT step (one row of 512-token examples) with xla, cudnn (dense mask) and
-#              pallas_gpu (segment ids) attention at T = 2048, 8192, 32768: memory and time
+#   packed     the packed-row SFT step (one row of 512-token examples) with xla, cudnn (dense mask),
+#              pallas_gpu (segment ids) and blockwise (plain JAX) attention at T = 2048, 8192, 32768:
+#              memory and time
 #
 # Results: one JSON line per stage in $OUT/results.jsonl, everything printed in $OUT/bench.log.
 # $OUT defaults to runs/gpu_bench. Stages that would start after DEADLINE_S seconds are skipped (and
@@ -117,7 +118,7 @@ for stage in "${stages[@]}"; do
       ;;
     packed)
       bench packed 300 --remat dots_with_no_batch_dims_saveable --measure "[attention]" \
-        --attention_impls "[xla,cudnn,pallas_gpu]" --attention_lengths "${PACKED_LENGTHS:-[2048,8192,32768]}"
+        --attention_impls "[xla,cudnn,pallas_gpu,blockwise]" --attention_lengths "${PACKED_LENGTHS:-[2048,8192,32768]}"
       ;;
     *) echo "unknown stage $stage (install env steps pytorch logprobs fit packed)" >&2 ;;
   esac

@@ -1,4 +1,4 @@
-"""Causal self-attention over packed rows, by kernel: XLA's dense one, cuDNN, TPU splash and GPU Pallas.
+"""Causal self-attention over packed rows, by kernel: XLA's dense one, cuDNN, TPU splash, GPU Pallas and blockwise.
 
 Every kernel takes ``q [B, T, H, D]``, ``k, v [B, T, KV, D]`` (``H`` a multiple
 of ``KV``: grouped queries), ``segment_ids [B, T]`` (None: one example per row;
