@@ -25,7 +25,7 @@ from model_fixtures import tiny_config
 from jaxrlhf.models import init_model, make_logprob_fn
 from jaxrlhf.models.attention import AttentionCall, sharded_attend
 from jaxrlhf.ops import attention
-from jaxrlhf.ops.blockwise_attention import blockwise_attend, key_blocks
+from jaxrlhf.ops.blockwise_attention import blockwise_attend, key_blocks, query_groups
 from jaxrlhf.parallel.mesh import MeshConfig, make_mesh
 
 B, T, H, KV, D = 2, 40, 4, 1, 16
@@ -146,6 +146,17 @@ def test_blockwise_visits_only_key_blocks_with_visible_keys():
         brute = 1 + max(r for r in range(blocks) if (r - 1) * block + 1 < window)
         assert key_blocks(blocks, block, window) == brute, (blocks, block, window)
     assert key_blocks(10, 8, None) == 10
+    # Query runs cover every block once, each with the keys its blocks see; a global layer computes 5/8 of all
+    # block pairs at 32 blocks (the causal triangle with its diagonal: 528 of 1024).
+    for blocks, window in [(32, None), (10, None), (3, None), (32, 300), (10, 17)]:
+        runs = query_groups(blocks, 128 if window == 300 else 8, window)
+        assert [i for lo, hi, _ in runs for i in range(lo, hi)] == list(range(blocks))
+        count = key_blocks(blocks, 128 if window == 300 else 8, window)
+        for lo, hi, span in runs:
+            for i in range(lo, hi):
+                first = min(max(i - span + 1, 0), blocks - span)
+                assert first <= max(i - count + 1, 0) and i < first + span  # its visible keys lie in the span
+    assert sum((hi - lo) * span for lo, hi, span in query_groups(32, 8, None)) == 640
     assert [attention.blockwise_block(n) for n in (5, 40, 128, 4096)] == [8, 40, 128, 128]
 
 

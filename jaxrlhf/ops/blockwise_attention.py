@@ -8,9 +8,10 @@ queries grouped (``q [B, T, H, D]`` over ``k, v [B, T, KV, D]``).
 
 A row is cut into ``n = T / block`` query blocks, visited by ``lax.scan`` (a loop, so one block's scores are
 dead before the next block's exist: an unrolled version let XLA schedule every block's matmuls first and
-hold T x T). Query block ``i`` attends over a static span of key blocks ending at its own: all ``n`` without
-a window (the blocks after ``i`` are masked, so a global layer computes twice the causal triangle's
-products), ``ceil((window - 1) / block) + 1`` with one. Per step the scores, probabilities and their
+hold T x T). Query block ``i`` attends over a static span of key blocks ending at its own or later (those after ``i``
+are masked): ``ceil((window - 1) / block) + 1`` blocks with a window; without one, the blocks are cut into
+4 runs, each scanned with the keys up to its last block, so a global layer computes 5/8 of all block pairs
+(the causal triangle is 1/2). Per step the scores, probabilities and their
 gradients are ``[B, H, block, span]``; the residuals are q, k, v, the output and the log-sum-exp ``[B, H, T]``;
 the backward carries dK and dV in f32.
 """
@@ -23,7 +24,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["blockwise_attend", "key_blocks"]
+__all__ = ["blockwise_attend", "key_blocks", "query_groups"]
+
+_QUERY_GROUPS = 4
 
 
 def key_blocks(blocks: int, block: int, window: int | None) -> int:
@@ -62,8 +65,18 @@ class _Span(NamedTuple):
     span: int
 
 
-def _span(i, blocks: int, block: int, window: int | None) -> _Span:
+def query_groups(blocks: int, block: int, window: int | None) -> list[tuple[int, int, int]]:
+    """``(lo, hi, span)``: query blocks ``lo .. hi`` run as one loop whose key span is ``span`` blocks, the
+    most any of them sees (a window's, or keys up to block ``hi``). Cutting the blocks into up to
+    ``_QUERY_GROUPS`` runs of equal length makes a global layer compute ``(G + 1) / 2G`` of all block pairs
+    (5/8 at 4 runs; the causal triangle is 1/2), not all of them."""
     count = key_blocks(blocks, block, window)
+    runs = min(_QUERY_GROUPS, blocks)
+    bounds = [blocks * r // runs for r in range(runs + 1)]
+    return [(lo, hi, min(count, hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _span(i, blocks: int, block: int, count: int) -> _Span:
     first = jnp.clip(i - count + 1, 0, blocks - count)  # near the start the range runs ahead: causally masked
     return _Span(i * block, first * block, count * block)
 
@@ -93,12 +106,12 @@ def _forward(q, k, v, ids, window, scale, soft_cap, block):
     kv_heads, blocks = k.shape[2], q.shape[1] // block
     qg, kt, vt = _grouped(q, kv_heads), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
-    def one_block(_, i):
+    def one_block(count, i):
         # The masks depend on the segment ids and i only. Inside a scan over layers, JAX would hoist them out
         # of that scan as loop-invariant and stack every block's, [T / block, B, H, block, span] of bools;
         # tying i to the queries keeps them in this loop.
         i, _ = jax.lax.optimization_barrier((i, qg))
-        where = _span(i, blocks, block, window)
+        where = _span(i, blocks, block, count)
         q_i = jax.lax.dynamic_slice_in_dim(qg, where.start, block, axis=3)
         scores, visible = _scores(q_i, kt, ids, where, block=block, window=window, scale=scale, soft_cap=soft_cap)
         scores = jnp.where(visible, scores, -jnp.inf)  # every query sees itself: no row is all -inf
@@ -106,9 +119,13 @@ def _forward(q, k, v, ids, window, scale, soft_cap, block):
         probs = jnp.exp(scores - lse[..., None]).astype(v.dtype)
         values = jax.lax.dynamic_slice_in_dim(vt, where.first, where.span, axis=2)
         out = jnp.einsum("bkgqs,bksd->bkgqd", probs, values, preferred_element_type=jnp.float32)
-        return None, (out.astype(q.dtype), lse)
+        return out.astype(q.dtype), lse
 
-    _, (out, lse) = jax.lax.scan(one_block, None, jnp.arange(blocks))  # [n, B, KV, G, b, ...]
+    parts = [
+        jax.lax.scan(lambda _, i, count=count: (None, one_block(count, i)), None, jnp.arange(lo, hi))[1]
+        for lo, hi, count in query_groups(blocks, block, window)
+    ]
+    out, lse = (jnp.concatenate(x, axis=0) for x in zip(*parts))  # [n, B, KV, G, b, ...]
     out = jnp.moveaxis(out, 0, 3).reshape(qg.shape)
     lse = jnp.moveaxis(lse, 0, 3).reshape(qg.shape[:-1])
     return _ungrouped(out), lse
@@ -131,9 +148,9 @@ def _attend_bwd(window, scale, soft_cap, block, residuals, d_out):
     d_og = _grouped(d_out, kv_heads)
     delta = jnp.sum(d_og.astype(jnp.float32) * _grouped(out, kv_heads).astype(jnp.float32), axis=-1)
 
-    def one_block(carry, i):
+    def one_block(count, carry, i):
         i, d_k, d_v = jax.lax.optimization_barrier((i, *carry))  # as in the forward: masks stay in the loop
-        where = _span(i, blocks, block, window)
+        where = _span(i, blocks, block, count)
         q_i, d_o, lse_i, delta_i = (
             jax.lax.dynamic_slice_in_dim(x, where.start, block, axis=3) for x in (qg, d_og, lse, delta)
         )
@@ -156,9 +173,12 @@ def _attend_bwd(window, scale, soft_cap, block, residuals, d_out):
 
         return (add(d_k, d_keys), add(d_v, d_values)), d_q.astype(q.dtype)
 
-    zeros = jnp.zeros(kt.shape, jnp.float32)
-    (d_k, d_v), d_q = jax.lax.scan(one_block, (zeros, zeros), jnp.arange(blocks))
-    d_q = jnp.moveaxis(d_q, 0, 3).reshape(qg.shape)
+    carry, d_qs = (jnp.zeros(kt.shape, jnp.float32),) * 2, []
+    for lo, hi, count in query_groups(blocks, block, window):
+        carry, d_q = jax.lax.scan(functools.partial(one_block, count), carry, jnp.arange(lo, hi))
+        d_qs.append(d_q)
+    d_k, d_v = carry
+    d_q = jnp.moveaxis(jnp.concatenate(d_qs, axis=0), 0, 3).reshape(qg.shape)
     return _ungrouped(d_q), d_k.transpose(0, 2, 1, 3).astype(k.dtype), d_v.transpose(0, 2, 1, 3).astype(v.dtype), None
 
 
