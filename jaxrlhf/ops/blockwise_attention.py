@@ -37,6 +37,17 @@ def key_blocks(blocks: int, block: int, window: int | None) -> int:
     return min(blocks, -(-(window - 1) // block) + 1)
 
 
+def query_groups(blocks: int, block: int, window: int | None) -> list[tuple[int, int, int]]:
+    """``(lo, hi, span)``: query blocks ``lo .. hi`` run as one loop whose key span is ``span`` blocks, the
+    most any of them sees (a window's, or keys up to block ``hi``). Cutting the blocks into up to
+    ``_QUERY_GROUPS`` runs of equal length makes a global layer compute ``(G + 1) / 2G`` of all block pairs
+    (5/8 at 4 runs; the causal triangle is 1/2), not all of them."""
+    count = key_blocks(blocks, block, window)
+    runs = min(_QUERY_GROUPS, blocks)
+    bounds = [blocks * r // runs for r in range(runs + 1)]
+    return [(lo, hi, min(count, hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
 def blockwise_attend(q, k, v, segment_ids, *, window: int | None, scale: float, soft_cap: float | None, block: int):
     """``[B, T, H, D]``: causal attention within segments (``segment_ids [B, T]``) and HF's window (keys less
     than ``window`` back), scores ``q k * scale``, capped as ``cap * tanh(s / cap)``. ``T`` must be a multiple
@@ -63,17 +74,6 @@ class _Span(NamedTuple):
     start: jax.Array  # first query position
     first: jax.Array  # first key position
     span: int
-
-
-def query_groups(blocks: int, block: int, window: int | None) -> list[tuple[int, int, int]]:
-    """``(lo, hi, span)``: query blocks ``lo .. hi`` run as one loop whose key span is ``span`` blocks, the
-    most any of them sees (a window's, or keys up to block ``hi``). Cutting the blocks into up to
-    ``_QUERY_GROUPS`` runs of equal length makes a global layer compute ``(G + 1) / 2G`` of all block pairs
-    (5/8 at 4 runs; the causal triangle is 1/2), not all of them."""
-    count = key_blocks(blocks, block, window)
-    runs = min(_QUERY_GROUPS, blocks)
-    bounds = [blocks * r // runs for r in range(runs + 1)]
-    return [(lo, hi, min(count, hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def _span(i, blocks: int, block: int, count: int) -> _Span:
