@@ -56,6 +56,7 @@ from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.kv_cache import KVCache
 from jaxrlhf.models.linear import PROJECTION
 from jaxrlhf.models.rope import rope_tables
+from jaxrlhf.ops.soft_cap import soft_cap
 from jaxrlhf.parallel.rules import (
     DEFAULT_RULES,
     Rules,
@@ -120,8 +121,7 @@ class Decoder(nnx.Module):
         """Full f32 logits ``[..., V]`` of ``hidden`` ``[..., D]``, final soft cap applied (for decoding and tests:
         training's log-probs use the chunked LM head, which never holds them)."""
         logits = jnp.einsum("...d,dv->...v", hidden, self.lm_head_matrix(), preferred_element_type=jnp.float32)
-        cap = self.config.final_logit_softcapping
-        return logits if cap is None else cap * jnp.tanh(logits / cap)
+        return soft_cap(logits, self.config.final_logit_softcapping)
 
     def __call__(
         self,

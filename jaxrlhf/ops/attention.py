@@ -43,6 +43,7 @@ from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from jaxrlhf.ops.blockwise_attention import blockwise_attend
+from jaxrlhf.ops.soft_cap import soft_cap as capped
 
 __all__ = [
     "IMPLEMENTATIONS", "attend", "blockwise_block", "dense_attend", "resolve", "segment_mask", "supports", "window_mask"
@@ -119,7 +120,7 @@ def dense_attend(q, k, v, *, mask, is_causal: bool, impl: str, scale: float, sof
     kv_heads = k.shape[2]
     grouped = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", grouped, k, preferred_element_type=jnp.float32) * scale
-    scores = soft_cap * jnp.tanh(scores / soft_cap)
+    scores = capped(scores, soft_cap)
     visible = jnp.ones((1, 1, length, k.shape[1]), bool) if mask is None else mask
     if is_causal:
         visible = visible & (jnp.arange(length)[:, None] >= jnp.arange(k.shape[1])[None, :])

@@ -24,6 +24,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxrlhf.ops.soft_cap import soft_cap as capped
+from jaxrlhf.ops.soft_cap import soft_cap_grad
+
 __all__ = ["blockwise_attend", "key_blocks", "query_groups"]
 
 _QUERY_GROUPS = 4
@@ -86,9 +89,7 @@ def _scores(q_i, k, ids, where: _Span, *, block, window, scale, soft_cap):
     (f32) ``[B, KV, G, b, span]`` and where they are visible (causal, window, same segment)."""
     keys = jax.lax.dynamic_slice_in_dim(k, where.first, where.span, axis=2)
     raw = jnp.einsum("bkgqd,bksd->bkgqs", q_i, keys, preferred_element_type=jnp.float32)
-    scores = raw * scale
-    if soft_cap is not None:
-        scores = soft_cap * jnp.tanh(scores / soft_cap)
+    scores = capped(raw * scale, soft_cap)
     query_pos = where.start + jnp.arange(block)
     key_pos = where.first + jnp.arange(where.span)
     delta = query_pos[:, None] - key_pos[None, :]
@@ -160,8 +161,8 @@ def _attend_bwd(window, scale, soft_cap, block, residuals, d_out):
         d_values = jnp.einsum("bkgqs,bkgqd->bksd", probs.astype(d_o.dtype), d_o, preferred_element_type=jnp.float32)
         d_probs = jnp.einsum("bkgqd,bksd->bkgqs", d_o, values, preferred_element_type=jnp.float32)
         d_scores = probs * (d_probs - delta_i[..., None])
-        if soft_cap is not None:  # through cap * tanh(s / cap)
-            d_scores = d_scores * (1.0 - jnp.square(scores / soft_cap))
+        if soft_cap is not None:
+            d_scores = d_scores * soft_cap_grad(scores, soft_cap)
         d_scores = d_scores * scale
         d_q = jnp.einsum("bkgqs,bksd->bkgqd", d_scores.astype(k.dtype), keys, preferred_element_type=jnp.float32)
         d_keys = jnp.einsum("bkgqs,bkgqd->bksd", d_scores.astype(q.dtype), q_i, preferred_element_type=jnp.float32)

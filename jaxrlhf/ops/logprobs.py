@@ -18,6 +18,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxrlhf.ops.soft_cap import soft_cap as capped
+from jaxrlhf.ops.soft_cap import soft_cap_grad
+
 __all__ = [
     "token_logprobs",
     "chunked_token_logprobs",
@@ -70,7 +73,7 @@ def token_logprobs(
     if segment_ids is not None and segment_ids.shape != tokens.shape:
         raise ValueError(f"segment_ids {segment_ids.shape} must have the shape of tokens {tokens.shape}")
     next_tokens, next_valid = _next_token_targets(tokens, segment_ids)
-    logits = _soft_capped(logits.astype(jnp.float32), soft_cap)
+    logits = capped(logits.astype(jnp.float32), soft_cap)
     log_normaliser = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, next_tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
     source_lp = jnp.where(next_valid, target_logit - log_normaliser, 0.0)
@@ -138,13 +141,9 @@ def _merge_chunks(x: jax.Array, length: int) -> jax.Array:
     return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
 
 
-def _soft_capped(logits: jax.Array, soft_cap: float | None) -> jax.Array:
-    return logits if soft_cap is None else soft_cap * jnp.tanh(logits / soft_cap)
-
-
 def _chunk_logits(hidden_chunk: jax.Array, lm_head: jax.Array, soft_cap: float | None) -> jax.Array:
     logits = jnp.einsum("bcd,dv->bcv", hidden_chunk, lm_head, preferred_element_type=jnp.float32)
-    return _soft_capped(logits, soft_cap)
+    return capped(logits, soft_cap)
 
 
 def _chunk_forward(hidden_chunk, lm_head, targets_chunk, soft_cap):
@@ -206,8 +205,8 @@ def _chunked_bwd(chunk_size, batch_axes, soft_cap, residuals, lp_cotangent):
         probs = jnp.exp(logits - lse_chunk[..., None])
         onehot = jax.nn.one_hot(targets_chunk, logits.shape[-1], dtype=jnp.float32)
         capped_grad = weight_chunk[..., None] * (onehot - probs)
-        if soft_cap is not None:  # d(cap * tanh(z / cap)) / dz
-            capped_grad = capped_grad * (1.0 - jnp.square(logits / soft_cap))
+        if soft_cap is not None:
+            capped_grad = capped_grad * soft_cap_grad(logits, soft_cap)
         # In the weights' dtype, as the forward matmul: mixing f32 with a bf16 lm_head would make XLA hold an
         # f32 copy of the whole [D, V] matrix. Accumulation stays f32.
         logits_grad = capped_grad.astype(lm_head.dtype)
