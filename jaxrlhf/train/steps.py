@@ -34,14 +34,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
 
 from jaxrlhf.ops import logprobs, losses
 from jaxrlhf.train import router_loss
+from jaxrlhf.train.accumulation import (  # TrainState and split_micro_batches are imported from here too
+    TrainState,
+    accumulate,
+    apply_gradients,
+    dropout_kwargs,
+    per_micro_batch,
+    split_micro_batches,
+    step_rng,
+    with_rngs,
+)
 from jaxrlhf.train.dpo_spec import DpoLossSpec
 
 LogprobFn = Callable[..., jax.Array]  # (params, tokens, positions, segment_ids, rng=None) -> token_lp
-DROPOUT_RNG = "dropout_rng"  # a micro-batch's dropout key, when the policy has dropout
 
 
 def bind_frozen(logprob_fn: LogprobFn, frozen) -> LogprobFn:
@@ -49,71 +57,6 @@ def bind_frozen(logprob_fn: LogprobFn, frozen) -> LogprobFn:
     if frozen is None:
         return logprob_fn
     return lambda params, *args, **kwargs: logprob_fn((params, frozen), *args, **kwargs)
-
-
-def _dropout(mb: dict) -> dict:
-    return {"rng": mb[DROPOUT_RNG]} if DROPOUT_RNG in mb else {}
-
-
-def _step_rng(state) -> jax.Array:
-    """This step's dropout key: a function of the checkpointed key and step, so resumed runs redraw the same masks."""
-    return jax.random.fold_in(state.rng, state.step)
-
-
-@struct.dataclass
-class TrainState:
-    params: object
-    opt_state: object
-    step: jax.Array
-    rng: jax.Array
-
-
-def split_micro_batches(batch: dict, num_micro_batches: int) -> dict:
-    """[B, ...] -> [n, B / n, ...], micro-batch i taking rows i, i + n, ...
-
-    Strided rows keep every micro-batch spread over all devices of a batch-sharded
-    array instead of parking micro-batch 0 on the first few.
-    """
-
-    def split(x):
-        if x.shape[0] % num_micro_batches:
-            raise ValueError(f"global batch {x.shape[0]} is not divisible by {num_micro_batches} micro-batches")
-        x = x.reshape(x.shape[0] // num_micro_batches, num_micro_batches, *x.shape[1:])
-        return jnp.swapaxes(x, 0, 1)
-
-    return jax.tree.map(split, batch)
-
-
-def _with_rngs(micro_batches: dict, num_micro_batches: int, rng) -> dict:
-    """One dropout key per micro-batch (none without dropout)."""
-    if rng is None:
-        return micro_batches
-    return {**micro_batches, DROPOUT_RNG: jax.random.split(rng, num_micro_batches)}
-
-
-def _accumulate(loss_and_grad, params, micro_batches):
-    """Sum (loss, grads, metrics) of ``loss_and_grad(params, micro_batch)`` over the micro-batches."""
-
-    def body(carry, micro_batch):
-        (loss, metrics), grads = loss_and_grad(params, micro_batch)
-        total = jax.tree.map(jnp.add, carry, (loss, grads, metrics))
-        return total, None
-
-    first = jax.tree.map(lambda x: x[0], micro_batches)
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: _flat(loss_and_grad(params, first))))
-    total, _ = jax.lax.scan(body, zeros, micro_batches)
-    return total
-
-
-def _flat(out):
-    (loss, metrics), grads = out
-    return loss, grads, metrics
-
-
-def _apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation):
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    return state.replace(params=params, opt_state=opt_state, step=state.step + 1)
 
 
 def sft_gradients(
@@ -125,7 +68,7 @@ def sft_gradients(
 
     def loss_and_grad(params, mb):
         def loss_fn(params):
-            policy = {**_dropout(mb), **router_loss.policy_kwargs(aux_loss)}
+            policy = {**dropout_kwargs(mb), **router_loss.policy_kwargs(aux_loss)}
             out = logprob_fn(params, mb["tokens"], mb["positions"], mb["segment_ids"], **policy)
             token_lp, stats = router_loss.split_output(out, aux_loss)
             loss, metrics = losses.sft_loss(token_lp, mb["loss_mask"], normalizer=normalizer)
@@ -133,7 +76,7 @@ def sft_gradients(
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-    return _accumulate(loss_and_grad, params, _with_rngs(split_micro_batches(batch, num_micro_batches), num_micro_batches, rng))
+    return accumulate(loss_and_grad, params, with_rngs(split_micro_batches(batch, num_micro_batches), num_micro_batches, rng))
 
 
 def sft_step(
@@ -151,7 +94,7 @@ def sft_step(
     ``aux_loss``: a MoE policy's router losses)."""
     loss, grads, sums = sft_gradients(
         state.params, batch, logprob_fn=logprob_fn, num_micro_batches=num_micro_batches,
-        rng=_step_rng(state) if dropout else None, aux_loss=aux_loss,
+        rng=step_rng(state) if dropout else None, aux_loss=aux_loss,
     )  # fmt: skip
     metrics = {
         "loss": loss,
@@ -161,7 +104,7 @@ def sft_step(
         "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
         **router_loss.step_metrics(sums, aux_loss),
     }
-    return _apply_gradients(state, grads, tx), metrics
+    return apply_gradients(state, grads, tx), metrics
 
 
 def pair_logps(
@@ -270,7 +213,7 @@ def dpo_gradients(
         pair_mask = None if pairs_per_row is None else flat(packed_pair_mask(mb["segment_ids"], pairs_per_row))
 
         def loss_fn(params):
-            policy, lengths, *stats = logps(logprob_fn, params, **_dropout(mb), **router_loss.policy_kwargs(aux_loss))
+            policy, lengths, *stats = logps(logprob_fn, params, **dropout_kwargs(mb), **router_loss.policy_kwargs(aux_loss))
             policy, lengths = flat(policy), flat(lengths)
             ref = jnp.zeros_like(policy) if reference is None else flat(reference)
             total, metrics = dpo_pair_terms(
@@ -282,7 +225,7 @@ def dpo_gradients(
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-    return _accumulate(loss_and_grad, params, _with_rngs(split_micro_batches(batch, num_micro_batches), num_micro_batches, rng))
+    return accumulate(loss_and_grad, params, with_rngs(split_micro_batches(batch, num_micro_batches), num_micro_batches, rng))
 
 
 def real_pairs(batch: dict, pairs_per_row: int | None = None) -> jax.Array:
@@ -318,7 +261,7 @@ def dpo_step(
         ref_params=ref_params,
         ref_logprob_fn=ref_logprob_fn,
         num_micro_batches=num_micro_batches,
-        rng=_step_rng(state) if dropout else None,
+        rng=step_rng(state) if dropout else None,
         pairs_per_row=pairs_per_row,
         aux_loss=aux_loss,
     )
@@ -333,14 +276,7 @@ def dpo_step(
         tokens=jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
         **router_loss.step_metrics(sums, aux_loss),
     )
-    return _apply_gradients(state, grads, tx), metrics
-
-
-def _per_micro_batch(fn, batch: dict, num_micro_batches: int):
-    """``fn`` over the micro-batches of ``batch`` one at a time (as training runs them): ``[n, ...]`` outputs."""
-    if num_micro_batches == 1:
-        return jax.tree.map(lambda x: x[None], fn(batch))
-    return jax.lax.map(fn, split_micro_batches(batch, num_micro_batches))
+    return apply_gradients(state, grads, tx), metrics
 
 
 def sft_eval_sums(params, batch: dict, *, logprob_fn: LogprobFn, num_micro_batches: int = 1) -> dict:
@@ -351,7 +287,7 @@ def sft_eval_sums(params, batch: dict, *, logprob_fn: LogprobFn, num_micro_batch
         _, metrics = losses.sft_loss(token_lp, mb["loss_mask"])
         return {"nll_sum": metrics["nll_sum"], "trained_tokens": metrics["trained_tokens"]}
 
-    return jax.tree.map(lambda x: x.sum(0), _per_micro_batch(sums, batch, num_micro_batches))
+    return jax.tree.map(lambda x: x.sum(0), per_micro_batch(sums, batch, num_micro_batches))
 
 
 def dpo_eval_pairs(
@@ -373,7 +309,7 @@ def dpo_eval_pairs(
             reference = jnp.zeros_like(policy)
         return {"policy": policy, "reference": reference, "lengths": lengths, "pair_mask": mb["pair_mask"]}
 
-    out = _per_micro_batch(pairs, batch, num_micro_batches)
+    out = per_micro_batch(pairs, batch, num_micro_batches)
     # Micro-batch i holds rows i, i + n, ...: interleave them back into the batch's row order.
     return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), out)
 
