@@ -104,11 +104,11 @@ def test_remat_reaches_the_jaxpr(remat, scan_layers):
     assert ("remat2[" in jaxpr) == (remat != "none" or scan_layers)
 
 
-def _saved_bytes_per_layer(remat: str, batch: int, seq: int) -> float:
+def _saved_bytes_per_layer(remat: str, batch: int, seq: int, attention_impl: str = "xla") -> float:
     """Compiled temporaries of a scanned gradient step, per layer (6 layers minus 2, over 4)."""
 
     def temp_bytes(num_layers):
-        config = tiny_config(remat=remat, num_layers=num_layers)
+        config = tiny_config(remat=remat, num_layers=num_layers, attention_impl=attention_impl)
         graphdef, params = nnx.split(nnx.eval_shape(lambda: init_model(config)))
         tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
 
@@ -135,6 +135,16 @@ def test_remat_policies_save_what_they_are_named_after():
     assert saved["dots_saveable"] - saved["dots_with_no_batch_dims_saveable"] >= 0.9 * scores
     # two [B, T, D] tensors more than "full" (XLA shares part of one buffer with the layer input's)
     assert 1.5 * layer_input <= saved["save_attention_out_mlp_in"] - saved["full"] < projections
+
+
+def test_dot_saving_remat_keeps_no_blockwise_scores():
+    """Blockwise attention's backward recomputes its scores, so no policy should save them: "dots_saveable"
+    keeps its output and log-sum-exp instead (it saved 5/8 of [B, H, T, T] in f32, the loop's dots)."""
+    b, t = 2, 512  # 4 blocks of 128
+    c = tiny_config()
+    scores = 4 * b * c.num_heads * t * t
+    saved = {remat: _saved_bytes_per_layer(remat, b, t, "blockwise") for remat in _REMAT_NAMES[1:3]}
+    assert saved["dots_saveable"] - saved["dots_with_no_batch_dims_saveable"] < scores / 8, (saved, scores)
 
 
 def _lowered_size(num_layers: int, scan_layers: bool) -> int:

@@ -93,6 +93,7 @@ CASES = [(impl, row, None, None) for impl in ("splash", "pallas_gpu", "blockwise
 CASES += [("splash", "many_short_segments", 6, None), ("xla", "many_short_segments", 6, None)]
 # Gemma 2's layers: scale 1 / sqrt(24) (query_pre_attn_scalar) and scores capped at 0.7 (tanh well off linear).
 CASES += [(impl, "many_short_segments", window, 0.7) for impl in ("splash", "xla", "blockwise") for window in (None, 6)]
+CASES += [("blockwise", "many_short_segments", 1, None), ("blockwise", "padding_at_the_end", 100, 0.7)]  # 1; > T
 
 
 @pytest.mark.parametrize("impl, row, window, soft_cap", CASES)
@@ -186,6 +187,27 @@ def test_kernel_under_shard_map_equals_unsharded(impl, kv_heads, packed):
     with jax.set_mesh(make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))):
         got = jax.jit(attend)(q, k, v, segment_ids)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_blockwise_gradients_under_shard_map_equal_unsharded(kv_heads):
+    """Heads over tensor 2 (2 KV heads split with the queries, 1 repeated per head), window and cap."""
+    rng = np.random.default_rng(6)
+    q = jnp.asarray(rng.normal(size=(4, T, 4, D)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(4, T, kv_heads, D)), jnp.float32) for _ in range(2))
+    segment_ids = jnp.asarray(np.array(ROWS["many_short_segments"] * 2, np.int32))
+    cotangent = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+    def loss(q, k, v):
+        out = sharded_attend(q, k, v, AttentionCall("blockwise", segment_ids=segment_ids, window=5), soft_cap=0.7)
+        return jnp.sum(out * cotangent)
+
+    expected = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    with jax.set_mesh(make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))):
+        got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+        assert "shard_map" in str(jax.make_jaxpr(loss)(q, k, v))
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,7 @@ from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.kv_cache import KVCache
 from jaxrlhf.models.linear import PROJECTION
 from jaxrlhf.models.rope import rope_tables
+from jaxrlhf.ops import blockwise_attention
 from jaxrlhf.ops.soft_cap import soft_cap
 from jaxrlhf.parallel.rules import (
     DEFAULT_RULES,
@@ -75,7 +76,10 @@ _REMAT_POLICIES = {
     "dots_with_no_batch_dims_saveable": _policies.save_from_both_policies(
         _policies.dots_with_no_batch_dims_saveable, _save_projections
     ),
-    "dots_saveable": _policies.save_from_both_policies(_policies.dots_saveable, _save_projections),
+    # Blockwise attention's loop dots would be saved too, though its backward recomputes them: save its output.
+    "dots_saveable": _policies.save_from_both_policies(
+        _policies.dots_saveable, _policies.save_only_these_names(PROJECTION, *blockwise_attention.RESIDUAL_NAMES)
+    ),
     "save_attention_out_mlp_in": jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES),
 }
 _ACTIVATION_AXES = ("batch", "seq", "act_embed")

@@ -24,7 +24,7 @@ mask and softmax).
   per query head here; it has neither a sliding window nor a soft cap
   (``supports``: such layers run blockwise instead).
 - ``blockwise``: flash attention in plain JAX (``ops.blockwise_attention``):
-  online softmax over key blocks and a recomputing VJP, segment ids, static
+  a loop over query blocks and a recomputing VJP, segment ids, static
   window and soft cap, memory ``T x block``. Any backend; on GPU the kernel of
   the layers cuDNN and Pallas cannot take (a soft cap; a window on packed rows).
 
