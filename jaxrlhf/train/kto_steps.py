@@ -31,17 +31,7 @@ import optax
 
 from jaxrlhf.ops import logprobs, losses
 from jaxrlhf.ops.kto import KTO_METRIC_SUMS, kto_metric_means, kto_reference_point
-from jaxrlhf.train import router_loss, steps
-from jaxrlhf.train.accumulation import (
-    TrainState,
-    accumulate,
-    apply_gradients,
-    dropout_kwargs,
-    per_micro_batch,
-    split_micro_batches,
-    step_rng,
-    with_rngs,
-)
+from jaxrlhf.train import accumulation, router_loss, steps
 
 _REFERENCE = "reference_logps"  # a micro-batch's reference log-probs of its examples, from pass 1
 
@@ -87,7 +77,7 @@ def _no_gradient_pass(params, batch, *, logprob_fn, ref_params, ref_logprob_fn, 
         reference, _ = steps.pair_logps(ref_logprob_fn, ref_params, mb)
         return {"reference": reference, "policy_kl": row_logps(logprob_fn, params, mb, 1)}
 
-    return jax.lax.stop_gradient(per_micro_batch(one, batch, num_micro_batches))
+    return jax.lax.stop_gradient(accumulation.per_micro_batch(one, batch, num_micro_batches))
 
 
 def kto_gradients(
@@ -103,12 +93,13 @@ def kto_gradients(
     )  # fmt: skip
     kl = kto_reference_point(first["policy_kl"].reshape(-1), first["reference"][..., 1].reshape(-1))
     count = batch["tokens"].shape[0]
-    micro_batches = split_micro_batches(batch, num_micro_batches)
+    micro_batches = accumulation.split_micro_batches(batch, num_micro_batches)
     micro_batches[_REFERENCE] = first["reference"][..., 0]
 
     def loss_and_grad(params, mb):
         def loss_fn(params):
-            out = row_logps(logprob_fn, params, mb, 0, **dropout_kwargs(mb), **router_loss.policy_kwargs(aux_loss))
+            forward = {**accumulation.dropout_kwargs(mb), **router_loss.policy_kwargs(aux_loss)}
+            out = row_logps(logprob_fn, params, mb, 0, **forward)
             policy, stats = router_loss.split_output(out, aux_loss)
             loss, metrics = spec.loss(policy, mb[_REFERENCE], mb["label"] > 0, kl=kl, normalizer=count)
             sums = {key: metrics[key] for key in KTO_METRIC_SUMS}
@@ -117,13 +108,13 @@ def kto_gradients(
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-    micro_batches = with_rngs(micro_batches, num_micro_batches, rng)
-    loss, grads, sums = accumulate(loss_and_grad, params, micro_batches)
+    micro_batches = accumulation.with_rngs(micro_batches, num_micro_batches, rng)
+    loss, grads, sums = accumulation.accumulate(loss_and_grad, params, micro_batches)
     return loss, grads, sums, kl
 
 
 def kto_step(
-    state: TrainState,
+    state: accumulation.TrainState,
     batch: dict,
     *,
     logprob_fn: steps.LogprobFn,
@@ -140,7 +131,7 @@ def kto_step(
     policy's router losses)."""
     loss, grads, sums, kl = kto_gradients(
         state.params, batch, logprob_fn=logprob_fn, spec=spec, ref_params=ref_params, ref_logprob_fn=ref_logprob_fn,
-        num_micro_batches=num_micro_batches, rng=step_rng(state) if dropout else None, aux_loss=aux_loss,
+        num_micro_batches=num_micro_batches, rng=accumulation.step_rng(state) if dropout else None, aux_loss=aux_loss,
     )  # fmt: skip
     metrics = {
         **kto_metric_means(sums),
@@ -154,7 +145,7 @@ def kto_step(
         "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
         **router_loss.step_metrics(sums, aux_loss),
     }
-    return apply_gradients(state, grads, tx), metrics
+    return accumulation.apply_gradients(state, grads, tx), metrics
 
 
 def kto_eval_rows(params, batch: dict, *, logprob_fn, ref_params, ref_logprob_fn=None, num_micro_batches: int = 1):
