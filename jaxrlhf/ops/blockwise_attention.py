@@ -107,12 +107,28 @@ def _scores(q_i, k, ids, where: _Span, *, block, window, scale, soft_cap):
     return scores, visible[:, None, None]
 
 
+def _scan_query_blocks(one_block, carry, blocks: int, block: int, window: int | None):
+    """``one_block(count, carry, i) -> (carry, ys)`` over every query block ``i``, one scan per run of
+    ``query_groups`` (``count``: the run's key span in blocks): the last carry and the ys ``[n, ...]`` in block
+    order."""
+    outputs = []
+    for lo, hi, count in query_groups(blocks, block, window):
+        carry, ys = jax.lax.scan(functools.partial(one_block, count), carry, jnp.arange(lo, hi))
+        outputs.append(ys)
+    return carry, jax.tree.map(lambda *runs: jnp.concatenate(runs, axis=0), *outputs)
+
+
+def _from_blocks(x, shape):
+    """Scan outputs ``[n, B, KV, G, b, ...]`` as ``shape`` ``[B, KV, G, T, ...]``."""
+    return jnp.moveaxis(x, 0, 3).reshape(shape)
+
+
 def _forward(q, k, v, ids, window, scale, soft_cap, block):
     """The output ``[B, T, H, D]`` and the log-sum-exp of each query's scores ``[B, KV, G, T]``."""
     kv_heads, blocks = k.shape[2], q.shape[1] // block
     qg, kt, vt = _grouped(q, kv_heads), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
-    def one_block(count, i):
+    def one_block(count, _, i):
         # The masks depend on the segment ids and i only. Inside a scan over layers, JAX would hoist them out
         # of that scan as loop-invariant and stack every block's, [T / block, B, H, block, span] of bools;
         # tying i to the queries keeps them in this loop.
@@ -125,16 +141,10 @@ def _forward(q, k, v, ids, window, scale, soft_cap, block):
         probs = jnp.exp(scores - lse[..., None]).astype(v.dtype)
         values = jax.lax.dynamic_slice_in_dim(vt, where.first, where.span, axis=2)
         out = jnp.einsum("bkgqs,bksd->bkgqd", probs, values, preferred_element_type=jnp.float32)
-        return out.astype(q.dtype), lse
+        return None, (out.astype(q.dtype), lse)
 
-    parts = [
-        jax.lax.scan(lambda _, i, count=count: (None, one_block(count, i)), None, jnp.arange(lo, hi))[1]
-        for lo, hi, count in query_groups(blocks, block, window)
-    ]
-    out, lse = (jnp.concatenate(x, axis=0) for x in zip(*parts))  # [n, B, KV, G, b, ...]
-    out = jnp.moveaxis(out, 0, 3).reshape(qg.shape)
-    lse = jnp.moveaxis(lse, 0, 3).reshape(qg.shape[:-1])
-    return _ungrouped(out), lse
+    _, (out, lse) = _scan_query_blocks(one_block, None, blocks, block, window)
+    return _ungrouped(_from_blocks(out, qg.shape)), _from_blocks(lse, qg.shape[:-1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -180,13 +190,10 @@ def _attend_bwd(window, scale, soft_cap, block, residuals, d_out):
 
         return (add(d_k, d_keys), add(d_v, d_values)), d_q.astype(q.dtype)
 
-    carry, d_qs = (jnp.zeros(kt.shape, jnp.float32),) * 2, []
-    for lo, hi, count in query_groups(blocks, block, window):
-        carry, d_q = jax.lax.scan(functools.partial(one_block, count), carry, jnp.arange(lo, hi))
-        d_qs.append(d_q)
-    d_k, d_v = carry
-    d_q = jnp.moveaxis(jnp.concatenate(d_qs, axis=0), 0, 3).reshape(qg.shape)
-    return _ungrouped(d_q), d_k.transpose(0, 2, 1, 3).astype(k.dtype), d_v.transpose(0, 2, 1, 3).astype(v.dtype), None
+    zeros = jnp.zeros(kt.shape, jnp.float32)
+    (d_k, d_v), d_q = _scan_query_blocks(one_block, (zeros, zeros), blocks, block, window)
+    d_k, d_v = (g.transpose(0, 2, 1, 3).astype(x.dtype) for g, x in ((d_k, k), (d_v, v)))
+    return _ungrouped(_from_blocks(d_q, qg.shape)), d_k, d_v, None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
