@@ -83,18 +83,14 @@ class LayerGroup(NamedTuple):
 
 
 def layer_kinds(config: ModelConfig, impl: str) -> list[LayerKind]:
-    """Each layer's kind under kernel ``impl``. A window or soft cap the kernel cannot apply sends the layer to
-    blockwise, flash attention in plain JAX whose memory grows linearly in T (logged once); so does a soft cap
-    under cuDNN."""
+    """Each layer's kind under kernel ``impl``. A window or soft cap the kernel cannot apply
+    (``ops.attention.supports``) sends the layer to blockwise, flash attention in plain JAX whose memory grows
+    linearly in T (logged once)."""
     soft_cap = config.attn_logit_softcapping
     kinds = []
     for i, window in enumerate(config.layer_windows()):
         layer_impl = impl
-        if impl == "cudnn":
-            cannot = soft_cap is not None
-        else:
-            cannot = not kernels.supports(impl, window=window, soft_cap=soft_cap)
-        if cannot:
+        if not kernels.supports(impl, window=window, soft_cap=soft_cap):
             layer_impl = "blockwise"
             if (impl, window, soft_cap) not in _warned:
                 _warned.add((impl, window, soft_cap))

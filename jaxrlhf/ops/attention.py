@@ -67,7 +67,10 @@ def resolve(impl: str, *, platform: str, packed: bool) -> str:
 
 
 def supports(impl: str, *, window: int | None, soft_cap: float | None) -> bool:
-    """Whether kernel ``impl`` applies this sliding window and soft cap itself."""
+    """Whether kernel ``impl`` applies this sliding window and soft cap itself (cuDNN takes a window as its
+    mask, but has no soft cap; the Pallas GPU kernel has neither)."""
+    if impl == "cudnn":
+        return soft_cap is None
     return impl != "pallas_gpu" or (window is None and soft_cap is None)
 
 

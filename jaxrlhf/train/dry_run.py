@@ -213,10 +213,10 @@ def _attention_of_target(config: TrainConfig, task: str) -> TrainConfig:
     requested = config.model.attention_impl
     impl = attention_kernels.resolve(requested, platform=platform_of(config), packed=rows_are_packed(config, task))
     if impl == "cudnn":
-        capped = model_config_of(
+        soft_cap = model_config_of(
             config.model, config.model.path, param_dtype=config.model.param_dtype, tokenizer=config.data.tokenizer
-        ).attn_logit_softcapping is not None  # fmt: skip
-        if capped:  # every layer of a soft-capped model (Gemma 2) runs blockwise under cuDNN
+        ).attn_logit_softcapping
+        if not attention_kernels.supports(impl, window=None, soft_cap=soft_cap):  # every layer runs blockwise
             print(f"dry run on CPU devices: attention {requested} -> cudnn -> blockwise (soft-capped layers)")
             impl = "blockwise"
         else:  # XLA's attention holds the [T, T] scores, so this overestimates.
